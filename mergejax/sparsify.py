@@ -1,0 +1,207 @@
+"""Sparsifiers: `list of task vectors -> list of task vectors` functions that zero (and maybe
+rescale) entries. They compose with any combiner in `mergejax.combine` (DARE→TIES, ...).
+
+Hyper-parameters that only change values (density, gamma, epsilon) may be traced: a sweep over
+them reuses one compilation. Randomness comes from one key per (expert, leaf path), so a mask never
+depends on leaf order, on which other leaves exist, or on the device.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mergejax import selection
+from mergejax.tree import Params, path_str
+
+TRIM_SCOPES = ("model", "leaf")
+RESCALES = ("inverse", "l1", "none")
+
+
+def trim_top_fraction(
+  vectors: Sequence[Params],
+  density: jax.Array | float,
+  *,
+  scope: str = "model",
+  method: str = "auto",
+) -> list[Params]:
+  """TIES trim: keeps the largest-|τ| `density` fraction of each task vector, zeroes the rest.
+
+  Entries tied with the k-th largest magnitude are kept (the TIES paper's convention), so exactly
+  k entries survive unless there are ties at the threshold.
+
+  Args:
+    vectors: task vectors.
+    density: fraction kept, in (0, 1]; k = clip(round(density · n), 1, n). May be traced.
+    scope: "model": one threshold over all leaves of a task vector together (paper);
+      "leaf": one threshold per leaf (mergekit).
+    method: selection backend, see `selection.kth_largest_magnitude`.
+
+  Returns:
+    The trimmed task vectors.
+  """
+  if scope not in TRIM_SCOPES:
+    raise ValueError(f"scope must be one of {TRIM_SCOPES}, got {scope!r}.")
+  out = []
+  for vector in vectors:
+    leaves, treedef = jax.tree.flatten(vector)
+    if scope == "model":
+      k = selection.count_for_fraction(sum(x.size for x in leaves), density)
+      threshold = selection.kth_largest_magnitude(leaves, k, method=method)
+      thresholds = [threshold] * len(leaves)
+    else:
+      thresholds = [
+        selection.kth_largest_magnitude(
+          [x], selection.count_for_fraction(x.size, density), method=method
+        )
+        for x in leaves
+      ]
+    trimmed = [jnp.where(jnp.abs(x) >= t, x, 0.0) for x, t in zip(leaves, thresholds, strict=True)]
+    out.append(jax.tree.unflatten(treedef, trimmed))
+  return out
+
+
+def leaf_key(key: jax.Array, expert_index: int, path: str) -> jax.Array:
+  """Returns the PRNG key for one leaf of one expert: fold_in(fold_in(key, expert), crc32(path)).
+
+  crc32 (not Python's salted `hash`) keeps keys identical across processes and machines.
+
+  Args:
+    key: the run's key.
+    expert_index: position of the expert in the list.
+    path: the leaf's "a/b/c" path.
+
+  Returns:
+    A key that depends only on (key, expert_index, path).
+  """
+  return jax.random.fold_in(
+    jax.random.fold_in(key, expert_index), zlib.crc32(path.encode()) & 0x7FFFFFFF
+  )
+
+
+def random_drop(
+  vectors: Sequence[Params],
+  key: jax.Array,
+  density: jax.Array | float,
+  *,
+  rescale: str = "inverse",
+) -> list[Params]:
+  """DARE: drops each entry with probability p = 1 − density, then rescales survivors.
+
+  Args:
+    vectors: task vectors.
+    key: PRNG key; leaf keys come from `leaf_key`.
+    density: keep probability 1 − p, in (0, 1]; may be traced.
+    rescale: "inverse": survivors × 1/(1−p) (paper, unbiased); "l1": per leaf, match the L1 norm
+      of the original leaf (mergekit); "none".
+
+  Returns:
+    The sparsified task vectors.
+  """
+  if rescale not in RESCALES:
+    raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}.")
+  density = jnp.asarray(density, jnp.float32)
+
+  def drop(t, path, x):
+    keep = jax.random.bernoulli(leaf_key(key, t, path_str(path)), density, x.shape)
+    kept = jnp.where(keep, x, 0.0)
+    if rescale == "inverse":
+      return kept / density
+    if rescale == "l1":
+      norm_in, norm_out = jnp.sum(jnp.abs(x)), jnp.sum(jnp.abs(kept))
+      return kept * jnp.where(norm_out > 0, norm_in / jnp.where(norm_out > 0, norm_out, 1.0), 0.0)
+    return kept
+
+  return [
+    jax.tree.map_with_path(lambda p, x, t=t: drop(t, p, x), vector)
+    for t, vector in enumerate(vectors)
+  ]
+
+
+def _as_rows(x: jax.Array, scope: str) -> jax.Array:
+  """Views a leaf as rows: [1, n] for scope "leaf", [-1, last_dim] for scope "row"."""
+  if scope == "leaf" or x.ndim < 2:
+    return x.reshape(1, -1)
+  return x.reshape(-1, x.shape[-1])
+
+
+def breadcrumbs(
+  vectors: Sequence[Params],
+  density: jax.Array | float,
+  gamma: jax.Array | float,
+  *,
+  scope: str = "leaf",
+) -> list[Params]:
+  """Model Breadcrumbs mask: drops the top-`gamma` outliers by |τ| and everything below the
+  next `density` fraction, per leaf (or per row along the last axis).
+
+  Unlike mergekit, a leaf with gamma · n < 1 drops no outlier instead of being zeroed whole.
+
+  Args:
+    vectors: task vectors.
+    density: fraction kept (after the outliers), in (0, 1]; may be traced.
+    gamma: fraction of largest entries dropped as outliers, in [0, 1); may be traced.
+    scope: "leaf" or "row" (rows along the last axis, as the reference code for 2-D weights).
+
+  Returns:
+    The masked task vectors (no rescaling; Breadcrumbs scales the sum by α afterwards).
+  """
+  if scope not in ("leaf", "row"):
+    raise ValueError(f"scope must be 'leaf' or 'row', got {scope!r}.")
+
+  def mask_leaf(x):
+    rows = _as_rows(x, scope)
+    m = rows.shape[-1]
+    n_top = jnp.floor(jnp.asarray(gamma, jnp.float32) * m).astype(jnp.int32)
+    n_keep = selection.count_for_fraction(m, density)
+    upper = selection.kth_largest_magnitude_per_row(rows, jnp.maximum(n_top, 1))
+    lower = selection.kth_largest_magnitude_per_row(rows, jnp.minimum(n_top + n_keep, m))
+    magnitude = jnp.abs(rows)
+    keep = (magnitude >= lower[:, None]) & ((n_top == 0) | (magnitude < upper[:, None]))
+    return jnp.where(keep, rows, 0.0).reshape(x.shape)
+
+  return [jax.tree.map(mask_leaf, v) for v in vectors]
+
+
+def della_drop(
+  vectors: Sequence[Params],
+  key: jax.Array,
+  density: jax.Array | float,
+  epsilon: jax.Array | float,
+  *,
+  scope: str = "row",
+) -> list[Params]:
+  """DELLA MagPrune: drop with a keep probability that grows with magnitude rank, rescale by 1/p.
+
+  Within a row (or leaf), the entry of rank r (0 = smallest |τ|, m − 1 = largest) is kept with
+  probability p_r = density − ε + 2ε · r / (m − 1), and survivors are divided by p_r.
+
+  Args:
+    vectors: task vectors.
+    key: PRNG key; leaf keys come from `leaf_key`.
+    density: mean keep probability, in (0, 1]; may be traced.
+    epsilon: half-width of the probability range; density ± ε must stay in (0, 1].
+    scope: "row" (rows along the last axis, paper) or "leaf".
+
+  Returns:
+    The sparsified, rescaled task vectors.
+  """
+  if scope not in ("leaf", "row"):
+    raise ValueError(f"scope must be 'leaf' or 'row', got {scope!r}.")
+
+  def drop(t, path, x):
+    rows = _as_rows(x, scope)
+    m = rows.shape[-1]
+    rank = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=-1), axis=-1).astype(jnp.float32)
+    spread = rank / max(m - 1, 1) * 2.0 - 1.0 if m > 1 else jnp.zeros_like(rank)
+    p = jnp.clip(density + epsilon * spread, 1e-6, 1.0)
+    keep = jax.random.uniform(leaf_key(key, t, path_str(path)), rows.shape) < p
+    return jnp.where(keep, rows / p, 0.0).reshape(x.shape)
+
+  return [
+    jax.tree.map_with_path(lambda p, x, t=t: drop(t, p, x), vector)
+    for t, vector in enumerate(vectors)
+  ]
