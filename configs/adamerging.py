@@ -1,0 +1,44 @@
+r"""AdaMerging, layer-wise (Yang et al., ICLR 2024): the defaults every learned-merging config shares.
+
+Entropy of the merged model's predictions on unlabeled *test* inputs (transductive), one Λ per
+task vector and leaf, init 0.3, clamped to [0, 1]; Adam lr 1e-3, 500 steps, batch 16 per task.
+
+  python launch/learn_merge.py --config=configs/adamerging.py:runlocal --workdir=/tmp/adamerging
+
+Variants override only what differs: adamerging_taskwise, adamerging_plus, atlas,
+atlas_unsupervised, dv_basi, dv_basi_unsupervised.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """Returns the config; `arg == "runlocal"` shrinks it for a smoke run."""
+  runlocal = arg == "runlocal"
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.method = "adamerging"  # adamerging | adamerging_plus | atlas | dv_basi.
+  # Split whose inputs Λ is adapted on: "test" is transductive and reports must say so.
+  config.adapt_split = "test"
+  # Where launch/learn_merge.py gets its problem; "synthetic" needs no downloads.
+  config.problem = "synthetic"
+  config.synthetic = dict(num_tasks=4, in_dim=16, hidden=32, depth=2, num_classes=4,
+                          num_train=128, num_val=64, num_test=64)
+  # Basis vectors: "task_vectors" or "ties_trimmed" (top `density` of |τ| over each whole τ).
+  config.basis = dict(name="task_vectors", density=0.2)
+  # Λ: granularity "task" | "layer" | "patterns" (regexes on "a/b/c" leaf paths).
+  config.coefficients = dict(granularity="layer", patterns=(), init=0.3, clamp=(0.0, 1.0))
+  # Objective: "entropy" | "cross_entropy" | "pseudo_label" (threshold); mgda combines per-task
+  # gradients by their min-norm convex combination instead of summing them.
+  config.objective = dict(name="entropy", threshold=0.99, mgda=False)
+  config.optim = dict(name="adam", learning_rate=1e-3, weight_decay=0.0, clip_norm=0.0)
+  # epochs > 0 overrides steps. eval_every: 0 = once per epoch, -1 = never (AdaMerging has no
+  # validation: the last Λ is the result).
+  config.train = dict(batch_size=16, steps=20 if runlocal else 500, epochs=0, eval_every=-1,
+                      eval_batch_size=512, log_every=1 if runlocal else 10)
+  # Selection on validation (never test): "accuracy" (normalized when reference accuracies are
+  # given), "neg_entropy" or "neg_cross_entropy"; patience in evaluations, 0 = no early stop.
+  config.early_stopping = dict(metric="accuracy", patience=0)
+  config.dv_basi = dict(outer_iterations=3, start="learned", start_hparams={})
+  config.ckpt = dict(every_steps=10 if runlocal else 100, keep=2)
+  return config

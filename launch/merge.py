@@ -1,0 +1,38 @@
+r"""Merges a pre-trained checkpoint and N expert checkpoints from disk with any rule.
+
+  python launch/merge.py --config=configs/ties.py \
+      --config.base=/ckpt/base.safetensors \
+      --config.experts=/ckpt/a.safetensors,/ckpt/b.safetensors \
+      --config.rule.density=0.2 --workdir=/tmp/ties
+
+Writes workdir/merged.safetensors (or an orbax directory if --config.output has no suffix) and
+workdir/run.json (config, seed, versions, time, memory).
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports configs.default.
+
+from mergejax import run  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a configs/<rule>.py file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  record = run.merge_from_disk(_CONFIG.value, _WORKDIR.value)
+  logging.info("Done in %.2f s; outputs: %s", record["wall_time_s"], record["outputs"])
+  print("\n".join(record["outputs"]))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,176 @@
+"""Parameter pytrees on disk: orbax checkpoints and safetensors files (the one module using orbax).
+
+Every write is atomic: the data goes to a temporary sibling first and is renamed into place once
+complete, so a crash never leaves a half-written checkpoint where a good one stood.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors import numpy as st_numpy
+
+from mergejax import tree as tree_lib
+from mergejax.tree import Params
+
+SAFETENSORS_SEP = "."  # Flat names "a.b.c" <-> nested {"a": {"b": {"c": ...}}}.
+
+
+def _tmp_sibling(path: Path, tag: str) -> Path:
+  return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+# ------------------------------------------------------------------------------ safetensors
+def to_flat_names(params: Params, sep: str = SAFETENSORS_SEP) -> dict[str, np.ndarray]:
+  """Returns `{"a.b.c": numpy array}` for a nested dict of arrays.
+
+  Args:
+    params: nested dict of arrays.
+    sep: separator of the flat names.
+
+  Returns:
+    Host numpy arrays keyed by flat name.
+
+  Raises:
+    ValueError: if a key already contains `sep` (the names would not round-trip).
+  """
+  flat = tree_lib.flatten(params)
+  out = {}
+  for path, leaf in flat.items():
+    parts = path.split("/")
+    if any(sep in p for p in parts):
+      raise ValueError(
+        f"Leaf {path!r}: a key contains {sep!r}, so flat names would not round-trip."
+      )
+    out[sep.join(parts)] = np.asarray(jax.device_get(leaf))
+  return out
+
+
+def from_flat_names(flat: dict[str, Any], sep: str = SAFETENSORS_SEP) -> dict:
+  """Inverse of `to_flat_names`: nests `{"a.b.c": x}` into `{"a": {"b": {"c": x}}}`."""
+  return tree_lib.unflatten(flat, sep=sep)
+
+
+def save_safetensors(path: str | os.PathLike, params: Params, metadata: dict | None = None) -> None:
+  """Writes a nested dict of arrays as one safetensors file, atomically.
+
+  Args:
+    path: destination file (conventionally "*.safetensors").
+    params: nested dict of arrays (any dtype safetensors supports, bfloat16 included).
+    metadata: optional str -> str metadata stored in the header.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = _tmp_sibling(path, "tmp")
+  try:
+    st_numpy.save_file(to_flat_names(params), str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+  """Reads a safetensors file into a nested dict of numpy arrays."""
+  path = Path(path)
+  _require_exists(path)
+  return from_flat_names(st_numpy.load_file(str(path)))
+
+
+# ------------------------------------------------------------------------------ orbax
+def save_pytree(path: str | os.PathLike, tree: Any) -> None:
+  """Saves any pytree of arrays as an orbax checkpoint directory, atomically.
+
+  The checkpoint is written to a temporary sibling directory and swapped in with renames; an
+  existing checkpoint at `path` is only removed once the new one is complete.
+
+  Args:
+    path: destination directory.
+    tree: pytree of arrays (nested dicts, NamedTuples, ...).
+  """
+  path = Path(path).absolute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = _tmp_sibling(path, "tmp")
+  old = _tmp_sibling(path, "old")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp, tree)
+      ckptr.wait_until_finished()
+    if path.exists():
+      os.replace(path, old)
+    os.replace(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_pytree(path: str | os.PathLike, abstract_target: Any = None) -> Any:
+  """Restores an orbax checkpoint directory written by `save_pytree`.
+
+  Args:
+    path: checkpoint directory.
+    abstract_target: optional pytree of `jax.ShapeDtypeStruct` (or arrays) giving the structure
+      to restore into; needed to get NamedTuples (e.g. optax states) back rather than dicts.
+
+  Returns:
+    The restored pytree (jax arrays).
+  """
+  path = Path(path).absolute()
+  _require_exists(path)
+  if abstract_target is not None:
+    abstract_target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_target)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path, abstract_target)
+
+
+# ------------------------------------------------------------------------------ dispatch
+def save_params(path: str | os.PathLike, params: Params) -> None:
+  """Saves parameters: "*.safetensors" → one safetensors file; anything else → orbax directory.
+
+  Args:
+    path: destination.
+    params: nested dict of arrays.
+  """
+  if str(path).endswith(".safetensors"):
+    save_safetensors(path, params)
+  else:
+    save_pytree(path, params)
+
+
+def load_params(path: str | os.PathLike) -> Params:
+  """Loads parameters saved by `save_params` (format chosen by the path).
+
+  Args:
+    path: a "*.safetensors" file or an orbax checkpoint directory.
+
+  Returns:
+    Nested dict of arrays.
+
+  Raises:
+    FileNotFoundError: naming the path (and a leftover of an interrupted write, if any).
+  """
+  if str(path).endswith(".safetensors"):
+    return load_safetensors(path)
+  return load_pytree(path)
+
+
+def _require_exists(path: Path) -> None:
+  if path.exists():
+    return
+  leftovers = (
+    sorted(p.name for p in path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
+  )
+  hint = (
+    f" An interrupted write left {leftovers}: rename it to {path.name!r} to recover."
+    if leftovers
+    else ""
+  )
+  raise FileNotFoundError(f"No checkpoint at {str(path)!r}.{hint}")
