@@ -69,6 +69,7 @@ def save_safetensors(path: str | os.PathLike, params: Params, metadata: dict | N
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = _tmp_sibling(path, "tmp")
+  _check_array_leaves(params)
   try:
     st_numpy.save_file(to_flat_names(params), str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
@@ -97,19 +98,28 @@ def save_pytree(path: str | os.PathLike, tree: Any) -> None:
     tree: pytree of arrays (nested dicts, NamedTuples, ...).
   """
   path = Path(path).absolute()
+  _check_array_leaves(tree)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = _tmp_sibling(path, "tmp")
   old = _tmp_sibling(path, "old")
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp, tree)
-      ckptr.wait_until_finished()
+    # The synchronous checkpointer: once save() returns or raises, no thread writes any more, so
+    # the clean-up below cannot race a background write.
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+      ckptr.save(tmp, args=ocp.args.StandardSave(tree))
     if path.exists():
       os.replace(path, old)
     os.replace(tmp, path)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+    # Orbax stages its own writes in "<tmp>.orbax-checkpoint-tmp*": clear those too on failure.
+    for leftover in [old, *path.parent.glob(f"{tmp.name}*")]:
+      shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _check_array_leaves(tree: Any) -> None:
+  for path, leaf in tree_lib.flatten(tree).items():
+    if not isinstance(leaf, jax.Array | np.ndarray | np.generic | int | float):
+      raise TypeError(f"Leaf {path!r} is a {type(leaf).__name__}, not an array; cannot save it.")
 
 
 def load_pytree(path: str | os.PathLike, abstract_target: Any = None) -> Any:

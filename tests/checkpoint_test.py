@@ -1,0 +1,75 @@
+"""Checkpoint I/O: round trips, atomic writes, clear errors."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mergejax import checkpoint
+
+
+def _params():
+  return {
+    "encoder": {"layer_0": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}},
+    "head": jnp.array([1.5, -2.0], jnp.bfloat16),
+  }
+
+
+@pytest.mark.parametrize("name", ["p.safetensors", "p_orbax"])
+def test_round_trip_keeps_values_and_dtypes(tmp_path, name):
+  params = _params()
+  checkpoint.save_params(tmp_path / name, params)
+  loaded = checkpoint.load_params(tmp_path / name)
+  assert loaded["head"].dtype == jnp.bfloat16
+  for a, b in zip(
+    checkpoint.to_flat_names(params).values(),
+    checkpoint.to_flat_names(loaded).values(),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_flat_names():
+  flat = checkpoint.to_flat_names(_params())
+  assert sorted(flat) == ["encoder.layer_0.bias", "encoder.layer_0.kernel", "head"]
+  assert checkpoint.from_flat_names(flat)["encoder"]["layer_0"]["kernel"].shape == (2, 3)
+  with pytest.raises(ValueError, match="contains '.'"):
+    checkpoint.to_flat_names({"a.b": jnp.ones(1)})
+
+
+@pytest.mark.parametrize("name", ["p.safetensors", "p_orbax"])
+def test_failed_write_keeps_the_good_checkpoint(tmp_path, name):
+  path = tmp_path / name
+  checkpoint.save_params(path, _params())
+  with pytest.raises(TypeError, match="Leaf 'bad' is a object"):
+    checkpoint.save_params(path, {"good": jnp.ones(2), "bad": object()})
+  # A failure in the middle of the write itself (a leaf the writer cannot serialize).
+  with pytest.raises(Exception):  # noqa: B017 - the writer's own error type.
+    checkpoint.save_params(path, {"good": jnp.ones(2), "bad": np.array(["text"])})
+  loaded = checkpoint.load_params(path)
+  np.testing.assert_array_equal(loaded["encoder"]["layer_0"]["bias"], np.ones(3))
+  assert sorted(os.listdir(tmp_path)) == [name]  # No temporary leftovers.
+
+
+@pytest.mark.parametrize("name", ["p.safetensors", "p_orbax"])
+def test_overwrite_replaces(tmp_path, name):
+  checkpoint.save_params(tmp_path / name, _params())
+  checkpoint.save_params(tmp_path / name, {"x": jnp.zeros(2)})
+  assert list(checkpoint.load_params(tmp_path / name)) == ["x"]
+
+
+@pytest.mark.parametrize("name", ["missing.safetensors", "missing_dir"])
+def test_missing_checkpoint(tmp_path, name):
+  with pytest.raises(FileNotFoundError, match="No checkpoint at .*missing"):
+    checkpoint.load_params(tmp_path / name)
+
+
+def test_generic_pytree_restores_namedtuples(tmp_path):
+  import optax
+
+  params = {"w": jnp.ones(3)}
+  state = optax.adam(1e-3).init(params)
+  checkpoint.save_pytree(tmp_path / "state", state)
+  restored = checkpoint.load_pytree(tmp_path / "state", abstract_target=state)
+  assert type(restored[0]).__name__ == "ScaleByAdamState"
