@@ -18,7 +18,9 @@ ELECTIONS = ("mass", "count")
 REDUCTIONS = ("mean", "sum", "max")
 
 
-def elect_sign(vectors: Sequence[Params], *, election: str = "mass") -> Params:
+def elect_sign(
+  vectors: Sequence[Params], *, election: str = "mass", total: jax.Array | None = None
+) -> Params:
   """TIES sign election: the sign each entry of the merged vector takes (+1.0 or −1.0).
 
   Args:
@@ -26,6 +28,8 @@ def elect_sign(vectors: Sequence[Params], *, election: str = "mass") -> Params:
     election: "mass": sgn(Σt τt) (paper); "count": sgn(Σt sgn(τt)) (majority of tasks).
       Where the sum is 0, the sign of the sum of that statistic over all entries of all leaves is
       used (the paper's rule); if that is 0 too, +1.
+    total: that sum, if the caller has it already (`sparsify.trim_experts` returns it); saves
+      a global reduction that XLA on CPU compiles and runs poorly.
 
   Returns:
     A float32 tree of ±1.
@@ -36,7 +40,8 @@ def elect_sign(vectors: Sequence[Params], *, election: str = "mass") -> Params:
     score = tv.add(*vectors)
   else:
     score = tv.add(*[jax.tree.map(jnp.sign, v) for v in vectors])
-  total = sum(jnp.sum(x) for x in jax.tree.leaves(score))
+  if total is None:
+    total = sum(jnp.sum(x) for x in jax.tree.leaves(score))
   fallback = jnp.where(total < 0, -1.0, 1.0)
   return jax.tree.map(lambda s: jnp.where(s > 0, 1.0, jnp.where(s < 0, -1.0, fallback)), score)
 
@@ -77,10 +82,15 @@ def _max_abs(agree, xs):
 
 
 def ties_combine(
-  vectors: Sequence[Params], *, election: str = "mass", reduce: str = "mean"
+  vectors: Sequence[Params],
+  *,
+  election: str = "mass",
+  reduce: str = "mean",
+  total: jax.Array | None = None,
 ) -> Params:
   """Elect + disjoint merge (TIES steps 2-3) on already sparsified task vectors."""
-  return disjoint_merge(vectors, elect_sign(vectors, election=election), reduce=reduce)
+  sign = elect_sign(vectors, election=election, total=total)
+  return disjoint_merge(vectors, sign, reduce=reduce)
 
 
 def sum_combine(vectors: Sequence[Params]) -> Params:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax import selection
-from mergejax.tree import Params, path_str
+from mergejax.tree import Params, path_str, to_compute
 
 TRIM_SCOPES = ("model", "leaf")
 RESCALES = ("inverse", "l1", "none")
@@ -38,30 +38,100 @@ def trim_top_fraction(
     density: fraction kept, in (0, 1]; k = clip(round(density · n), 1, n). May be traced.
     scope: "model": one threshold over all leaves of a task vector together (paper);
       "leaf": one threshold per leaf (mergekit).
-    method: selection backend, see `selection.kth_largest_magnitude`.
+    method: selection backend, see `selection.top_k_stats`.
 
   Returns:
     The trimmed task vectors.
   """
+  leaves = [jax.tree.leaves(v) for v in vectors]
+  trimmed, _ = _trim(leaves, None, density, scope, method)
+  return [
+    jax.tree.unflatten(jax.tree.structure(v), t) for v, t in zip(vectors, trimmed, strict=True)
+  ]
+
+
+def trim_experts(
+  base: Params,
+  experts: Sequence[Params],
+  density: jax.Array | float,
+  *,
+  scope: str = "model",
+  method: str = "auto",
+  stats: selection.TopKStats | None = None,
+) -> tuple[list[Params], selection.TopKStats]:
+  """`trim_top_fraction` of the experts' task vectors, computed from θt and θ0 directly.
+
+  Selecting on |θt − θ0| on the fly never materializes the task vectors (on CPU, where the
+  selection runs in NumPy, that halves the time), and the returned statistics of the kept entries
+  give TIES's zero-sum election fallback for free.
+
+  Args:
+    base: pre-trained parameters θ0.
+    experts: fine-tuned models θt.
+    density: fraction kept, in (0, 1]; may be traced.
+    scope: "model" or "leaf" (see `trim_top_fraction`).
+    method: selection backend, see `selection.top_k_stats`.
+    stats: precomputed statistics (see `trim_stats_eager`); skips the selection.
+
+  Returns:
+    (trimmed float32 task vectors, `TopKStats` with one entry per expert — or per expert and
+    leaf for scope "leaf").
+  """
+  base_leaves = jax.tree.leaves(base)
+  leaves = [jax.tree.leaves(e) for e in experts]
+  trimmed, stats = _trim(leaves, base_leaves, density, scope, method, stats)
+  treedef = jax.tree.structure(base)
+  return [jax.tree.unflatten(treedef, t) for t in trimmed], stats
+
+
+def _groups(leaves, base_leaves, density, scope):
+  """The selection problems of a trim: one group per expert (or per expert and leaf)."""
   if scope not in TRIM_SCOPES:
     raise ValueError(f"scope must be one of {TRIM_SCOPES}, got {scope!r}.")
-  out = []
-  for vector in vectors:
-    leaves, treedef = jax.tree.flatten(vector)
-    if scope == "model":
-      k = selection.count_for_fraction(sum(x.size for x in leaves), density)
-      threshold = selection.kth_largest_magnitude(leaves, k, method=method)
-      thresholds = [threshold] * len(leaves)
-    else:
-      thresholds = [
-        selection.kth_largest_magnitude(
-          [x], selection.count_for_fraction(x.size, density), method=method
-        )
-        for x in leaves
-      ]
-    trimmed = [jnp.where(jnp.abs(x) >= t, x, 0.0) for x, t in zip(leaves, thresholds, strict=True)]
-    out.append(jax.tree.unflatten(treedef, trimmed))
-  return out
+  if scope == "model":
+    groups = leaves
+    origins = None if base_leaves is None else [base_leaves] * len(leaves)
+  else:
+    groups = [[x] for g in leaves for x in g]
+    origins = None if base_leaves is None else [[b] for _ in leaves for b in base_leaves]
+  ks = [selection.count_for_fraction(sum(x.size for x in g), density) for g in groups]
+  return groups, origins, ks
+
+
+def trim_stats_eager(
+  base: Params, experts: Sequence[Params], density: float, *, scope: str = "model"
+) -> selection.TopKStats:
+  """The statistics `trim_experts` needs, from concrete CPU arrays, outside jit (fast path).
+
+  Args:
+    base: pre-trained parameters θ0 (concrete arrays).
+    experts: fine-tuned models θt (concrete arrays).
+    density: fraction kept.
+    scope: "model" or "leaf".
+
+  Returns:
+    The `TopKStats` to pass as `trim_experts(..., stats=...)`.
+  """
+  leaves = [jax.tree.leaves(e) for e in experts]
+  groups, origins, ks = _groups(leaves, jax.tree.leaves(base), density, scope)
+  return selection.top_k_stats_eager(groups, [int(k) for k in ks], origins=origins)
+
+
+def _trim(leaves, base_leaves, density, scope, method, stats=None):
+  """Shared body: thresholds from `selection.top_k_stats`, then a lazy `where` per leaf."""
+  groups, origins, ks = _groups(leaves, base_leaves, density, scope)
+  if stats is None:
+    stats = selection.top_k_stats(groups, jnp.stack(ks), origins=origins, method=method)
+
+  trimmed = []
+  for t, expert_leaves in enumerate(leaves):
+    out = []
+    for i, x in enumerate(expert_leaves):
+      d = to_compute(x) if base_leaves is None else to_compute(x) - to_compute(base_leaves[i])
+      th = stats.threshold[t] if scope == "model" else stats.threshold[t * len(expert_leaves) + i]
+      out.append(jnp.where(jnp.abs(d) >= th, d, 0.0))
+    trimmed.append(out)
+  return trimmed, stats
 
 
 def leaf_key(key: jax.Array, expert_index: int, path: str) -> jax.Array:
