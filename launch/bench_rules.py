@@ -1,0 +1,363 @@
+r"""Benchmark (not a test): every data-free rule on a ViT-shaped tree, against NumPy, in one run.
+
+  python launch/bench_rules.py                 # ~22M params x 8 experts, fp32 (ViT-S/16 shapes)
+  python launch/bench_rules.py --layers=2      # a quick look
+
+Builds ViT-S/16-shaped parameters (~21.7M fp32 entries: 12 pre-LN blocks of width 384, MLP 1536,
+patch embedding and position embeddings) and 8 experts (θ0 + N(0, 0.01²) noise, fixed seed). For
+each rule it reports, from a fresh subprocess per implementation:
+  * first-call time (trace + compile + run) and the median wall time of the next `--repeats` calls;
+  * peak RSS above the resident inputs, in model copies (target: ≤ 2 copies);
+  * a NumPy implementation of the same rule, timed the same way, and whether both agree (max abs
+    difference; for the random rules, where the two draw different masks, the kept fraction and
+    the norm of the merged task vector instead).
+Results are printed as a Markdown table and written to --out (JSON, with provenance).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+_LAYERS = flags.DEFINE_integer("layers", 12, "Transformer blocks (12: ~21.7M parameters).")
+_EXPERTS = flags.DEFINE_integer("experts", 8, "Number of experts.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls after the first (median reported).")
+_RULES = flags.DEFINE_list("rules", None, "Rules to run (default: all benchmarked ones).")
+_OUT = flags.DEFINE_string("out", "results/bench_rules.json", "Where to write the JSON results.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one 'impl:rule' and print JSON.")
+
+# (rule name, hyper-parameters); scalars are those of the paper defaults or typical sweeps.
+CASES = {
+  "task_arithmetic": {"scale": 0.3},
+  "weight_average": {},
+  "ties": {"density": 0.2, "scale": 1.0},
+  "dare": {"density": 0.1, "scale": 1.0},
+  "dare_ties": {"density": 0.1, "scale": 1.0},
+  "breadcrumbs": {"density": 0.15, "gamma": 0.006, "scale": 0.2},
+  "consensus": {"tall_lambda": 0.4, "min_tasks": 2, "scale": 0.3},
+  "emr": {},
+  "model_stock": {},
+}
+RANDOM_RULES = {"dare", "dare_ties"}
+
+
+# ---------------------------------------------------------------------------- inputs
+def vit_shapes(layers: int, width: int = 384, mlp: int = 1536, patch: int = 16, tokens: int = 197):
+  """Returns {path: shape} for a ViT image encoder (ViT-S/16 at the defaults)."""
+  shapes = {
+    "embed/kernel": (patch * patch * 3, width),
+    "embed/bias": (width,),
+    "cls": (1, width),
+    "pos_embed": (tokens, width),
+    "final_norm/scale": (width,),
+    "final_norm/bias": (width,),
+  }
+  for i in range(layers):
+    b = f"block_{i:02d}"
+    shapes |= {
+      f"{b}/norm1/scale": (width,),
+      f"{b}/norm1/bias": (width,),
+      f"{b}/attn/qkv/kernel": (width, 3 * width),
+      f"{b}/attn/qkv/bias": (3 * width,),
+      f"{b}/attn/out/kernel": (width, width),
+      f"{b}/attn/out/bias": (width,),
+      f"{b}/norm2/scale": (width,),
+      f"{b}/norm2/bias": (width,),
+      f"{b}/mlp/fc1/kernel": (width, mlp),
+      f"{b}/mlp/fc1/bias": (mlp,),
+      f"{b}/mlp/fc2/kernel": (mlp, width),
+      f"{b}/mlp/fc2/bias": (width,),
+    }
+  return shapes
+
+
+def make_inputs(layers: int, n_experts: int, convert=lambda x: x) -> tuple[dict, list[dict]]:
+  """Returns flat {path: array} trees: θ0 ~ N(0, 0.02²), θt = θ0 + N(0, 0.01²).
+
+  Leaves are passed through `convert` (e.g. jnp.asarray) one at a time, so the peak memory of
+  building the inputs stays one leaf above the inputs themselves.
+  """
+  rng = np.random.default_rng(0)
+  shapes = vit_shapes(layers)
+  base_np = {p: rng.standard_normal(s, np.float32) * np.float32(0.02) for p, s in shapes.items()}
+  experts = []
+  for _ in range(n_experts):
+    experts.append(
+      {
+        p: convert(x + rng.standard_normal(x.shape, np.float32) * np.float32(0.01))
+        for p, x in base_np.items()
+      }
+    )
+  return {p: convert(x) for p, x in base_np.items()}, experts
+
+
+def current_rss_mib() -> float:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * 4096 / 2**20
+
+
+# ---------------------------------------------------------------------------- NumPy baselines
+def np_task_vectors(base, experts):
+  return [{p: e[p] - base[p] for p in base} for e in experts]
+
+
+def np_kth_largest_abs(vector, density):
+  flat = np.concatenate([np.abs(x).ravel() for x in vector.values()])
+  k = min(max(int(np.round(np.float32(density) * np.float32(flat.size))), 1), flat.size)
+  return np.partition(flat, flat.size - k)[flat.size - k]
+
+
+def np_ties(base, experts, density, scale, trim=True):
+  taus = np_task_vectors(base, experts)
+  if trim:
+    ths = [np_kth_largest_abs(t, density) for t in taus]
+    taus = [
+      {p: np.where(np.abs(x) >= th, x, 0) for p, x in t.items()}
+      for t, th in zip(taus, ths, strict=True)
+    ]
+  total = sum(float(sum(t[p] for t in taus).sum()) for p in base)
+  out = {}
+  for p in base:
+    s = sum(t[p] for t in taus)
+    sign = np.where(s > 0, 1.0, np.where(s < 0, -1.0, 1.0 if total >= 0 else -1.0))
+    agree = [np.where(sign > 0, t[p] > 0, t[p] < 0) for t in taus]
+    num = sum(np.where(a, t[p], 0) for a, t in zip(agree, taus, strict=True))
+    cnt = sum(a.astype(np.float32) for a in agree)
+    out[p] = (base[p] + scale * num / np.maximum(cnt, 1)).astype(np.float32)
+  return out
+
+
+def np_dare(base, experts, density, scale, combine):
+  rng = np.random.default_rng(1)
+  dropped = []
+  for e in experts:
+    dropped.append(
+      {
+        p: np.where(rng.random(x.shape, np.float32) < density, e[p] - x, 0) / density
+        for p, x in base.items()
+      }
+    )
+  if combine == "ties":
+    fake = [{p: base[p] + t[p] for p in base} for t in dropped]
+    return np_ties(base, fake, 1.0, scale, trim=False)
+  return {p: base[p] + scale * sum(t[p] for t in dropped) for p in base}
+
+
+def np_kth_row_leaf(x, k):
+  flat = np.abs(x).ravel()
+  return np.partition(flat, flat.size - k)[flat.size - k]
+
+
+def np_breadcrumbs(base, experts, density, gamma, scale):
+  out = {p: np.zeros_like(x) for p, x in base.items()}
+  for e in experts:
+    for p, x in base.items():
+      tau = e[p] - x
+      n = tau.size
+      n_top = int(np.floor(np.float32(gamma) * np.float32(n)))
+      n_keep = min(max(int(np.round(np.float32(density) * np.float32(n))), 1), n)
+      upper = np_kth_row_leaf(tau, max(n_top, 1))
+      lower = np_kth_row_leaf(tau, min(n_top + n_keep, n))
+      mag = np.abs(tau)
+      keep = (mag >= lower) & ((n_top == 0) | (mag < upper))
+      out[p] += np.where(keep, tau, 0)
+  return {p: base[p] + scale * out[p] for p in base}
+
+
+def np_consensus(base, experts, tall_lambda, min_tasks, scale):
+  taus = np_task_vectors(base, experts)
+  out = {}
+  for p in base:
+    multi = sum(t[p] for t in taus)
+    votes = sum((np.abs(t[p]) >= tall_lambda * np.abs(multi - t[p])).astype(np.int32) for t in taus)
+    out[p] = base[p] + scale * np.where(votes >= min_tasks, multi, 0)
+  return out
+
+
+def np_emr_task0(base, experts):
+  taus = np_task_vectors(base, experts)
+  total = sum(float(sum(t[p] for t in taus).sum()) for p in base)
+  unified = {}
+  for p in base:
+    s = sum(t[p] for t in taus)
+    sign = np.where(s > 0, 1.0, np.where(s < 0, -1.0, 1.0 if total >= 0 else -1.0))
+    mag = np.zeros_like(s)
+    for t in taus:
+      mag = np.maximum(mag, np.where(np.sign(t[p]) == sign, np.abs(t[p]), 0))
+    unified[p] = sign * mag
+  mask = {p: taus[0][p] * unified[p] > 0 for p in base}
+  rescale = sum(np.abs(taus[0][p]).sum() for p in base) / sum(
+    np.abs(np.where(mask[p], unified[p], 0)).sum() for p in base
+  )
+  return {p: base[p] + rescale * np.where(mask[p], unified[p], 0) for p in base}
+
+
+def np_model_stock(base, experts):
+  out = {}
+  n = len(experts)
+  for p, x in base.items():
+    taus = [(e[p] - x).ravel() for e in experts]
+    cos = []
+    for i in range(n):
+      for j in range(i + 1, n):
+        d = np.linalg.norm(taus[i]) * np.linalg.norm(taus[j])
+        cos.append(float(taus[i] @ taus[j] / d) if d > 0 else 0.0)
+    c = min(max(sum(cos) / len(cos), 0.0), 1.0)
+    t = n * c / (1 + (n - 1) * c)
+    out[p] = x + t * sum(taus).reshape(x.shape) / n
+  return out
+
+
+NUMPY = {
+  "task_arithmetic": lambda b, e, scale: {p: b[p] + scale * sum(x[p] - b[p] for x in e) for p in b},
+  "weight_average": lambda b, e: {p: sum(x[p] for x in e) / len(e) for p in b},
+  "ties": lambda b, e, density, scale: np_ties(b, e, density, scale),
+  "dare": lambda b, e, density, scale: np_dare(b, e, density, scale, "sum"),
+  "dare_ties": lambda b, e, density, scale: np_dare(b, e, density, scale, "ties"),
+  "breadcrumbs": np_breadcrumbs,
+  "consensus": np_consensus,
+  "emr": np_emr_task0,
+  "model_stock": np_model_stock,
+}
+
+
+# ---------------------------------------------------------------------------- one worker
+def worker(impl: str, rule: str, layers: int, n_experts: int, repeats: int) -> dict:
+  """Runs one implementation of one rule in this (fresh) process; returns timings and a digest."""
+  import resource
+
+  hparams = CASES[rule]
+  if impl == "jax":
+    import jax
+    import jax.numpy as jnp
+
+    from mergejax import rules
+
+    base, experts = make_inputs(layers, n_experts, convert=jnp.asarray)
+    kw = dict(hparams, key=jax.random.key(0)) if rule in RANDOM_RULES else dict(hparams)
+
+    def call():
+      out = rules.merge(rule, base, experts, check_finite=False, **kw)
+      if rule == "emr":
+        out = rules.emr_task_model(base, out, 0)
+      return jax.block_until_ready(out)
+  else:
+    base, experts = make_inputs(layers, n_experts)
+
+    def call():
+      return NUMPY[rule](base, experts, **hparams)
+
+  inputs_rss = current_rss_mib()
+  start = time.perf_counter()
+  out = call()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    del out
+    start = time.perf_counter()
+    out = call()
+    times.append(time.perf_counter() - start)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  model_mib = sum(x.size for x in base.values()) * 4 / 2**20
+  out = {p: np.asarray(x, np.float32) for p, x in out.items()}
+  diff = {p: out[p] - np.asarray(base[p]) for p in out}
+  digest = np.concatenate([diff[p].ravel() for p in sorted(diff)])
+  np.save(f"/tmp/bench_{impl}_{rule}.npy", digest)
+  return {
+    "impl": impl,
+    "rule": rule,
+    "first_s": first,
+    "median_s": statistics.median(times),
+    "times_s": times,
+    "inputs_rss_mib": inputs_rss,
+    "peak_rss_mib": peak,
+    "extra_model_copies": (peak - inputs_rss) / model_mib,
+    "model_mib": model_mib,
+  }
+
+
+def agreement(rule: str) -> str:
+  a = np.load(f"/tmp/bench_jax_{rule}.npy")
+  b = np.load(f"/tmp/bench_numpy_{rule}.npy")
+  if rule in RANDOM_RULES:
+    kept_a, kept_b = np.mean(a != 0), np.mean(b != 0)
+    norm = np.linalg.norm(a) / np.linalg.norm(b)
+    ok = abs(kept_a - kept_b) < 0.005 and abs(norm - 1) < 0.01
+    return f"{'yes' if ok else 'NO'} (kept {kept_a:.4f} vs {kept_b:.4f}, norm ratio {norm:.4f})"
+  err = float(np.max(np.abs(a - b)))
+  scale = float(np.max(np.abs(b))) or 1.0
+  ok = err <= 1e-5 * scale + 1e-7
+  mismatched = int(np.sum((a == 0) != (b == 0)))
+  return f"{'yes' if ok else 'NO'} (max |Δ| {err:.1e}, mask mismatches {mismatched})"
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:
+    impl, rule = _WORKER.value.split(":")
+    print(json.dumps(worker(impl, rule, _LAYERS.value, _EXPERTS.value, _REPEATS.value)))
+    return
+  from mergejax import provenance
+
+  started = time.time()
+  n_params = sum(int(np.prod(s)) for s in vit_shapes(_LAYERS.value).values())
+  print(
+    f"{n_params / 1e6:.1f}M fp32 parameters x {_EXPERTS.value} experts; median of "
+    f"{_REPEATS.value} calls after the first; one fresh process per cell.\n"
+  )
+  rows, results = [], []
+  for rule in _RULES.value or list(CASES):
+    cell = {}
+    for impl in ("jax", "numpy"):
+      cmd = [
+        sys.executable,
+        __file__,
+        f"--worker={impl}:{rule}",
+        f"--layers={_LAYERS.value}",
+        f"--experts={_EXPERTS.value}",
+        f"--repeats={_REPEATS.value}",
+      ]
+      done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if done.returncode:
+        raise RuntimeError(f"{impl}:{rule} failed:\n{done.stderr[-3000:]}")
+      cell[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+    agree = agreement(rule)
+    j, n = cell["jax"], cell["numpy"]
+    results.append({"rule": rule, "jax": j, "numpy": n, "agree": agree})
+    rows.append(
+      f"| {rule} | {j['median_s']:.3f} | {j['first_s']:.2f} | "
+      f"{j['extra_model_copies']:.2f} | {n['median_s']:.3f} | "
+      f"{n['median_s'] / j['median_s']:.1f}x | {agree} |"
+    )
+    print(rows[-1], flush=True)
+  table = "\n".join(
+    [
+      "| rule | mergejax median (s) | first call (s) | peak RSS above inputs (model copies) "
+      "| NumPy median (s) | speed-up | outputs agree |",
+      "|---|---|---|---|---|---|---|",
+      *rows,
+    ]
+  )
+  print("\n" + table)
+  out = Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  record = provenance.record(
+    {"layers": _LAYERS.value, "experts": _EXPERTS.value, "repeats": _REPEATS.value, "cases": CASES},
+    seed=0,
+    started=started,
+  )
+  out.write_text(json.dumps({"results": results, "table": table, "provenance": record}, indent=2))
+  print(f"\nWrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# launch/test.sh [PYTEST ARGS]: sets everything up, then runs the linter and the whole test suite
+# (notebooks included). This is the README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh "test,hf,notebooks"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/python -m pytest -q -m "not gpu" --nbmake tests/ notebooks/ "$@"
