@@ -198,10 +198,10 @@ def check_compatible(
           f"Leaf {path!r}: {name} has shape {np.shape(leaf)} but {reference_name} has "
           f"{np.shape(ref_leaf)}. Experts must be fine-tuned from the same architecture."
         )
-      if check_dtypes and jnp.result_type(leaf) != jnp.result_type(ref_leaf):
+      if check_dtypes and _dtype(leaf) != _dtype(ref_leaf):
         raise ValueError(
-          f"Leaf {path!r}: {name} has dtype {jnp.result_type(leaf)} but {reference_name} has "
-          f"{jnp.result_type(ref_leaf)}. Cast the experts to the pre-trained model's dtype "
+          f"Leaf {path!r}: {name} has dtype {_dtype(leaf)} but {reference_name} has "
+          f"{_dtype(ref_leaf)}. Cast the experts to the pre-trained model's dtype "
           "(e.g. jax.tree.map(lambda x: x.astype(jnp.bfloat16), expert)) before merging."
         )
 
@@ -225,6 +225,13 @@ def check_finite(params: Params, *, name: str = "params") -> None:
         f"Leaf {path!r} of {name} holds {int(count)} NaN/Inf value(s); the checkpoint is broken "
         "or was saved mid-divergence."
       )
+
+
+def _dtype(x: Any) -> np.dtype:
+  # `.dtype` of arrays and tracers directly: jnp.result_type costs ~10 µs a leaf, which adds up
+  # to tens of milliseconds for 8 experts of 150 leaves.
+  dtype = getattr(x, "dtype", None)
+  return np.dtype(dtype) if dtype is not None else np.dtype(jnp.result_type(x))
 
 
 def _is_float(x: Any) -> bool:
