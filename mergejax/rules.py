@@ -241,6 +241,57 @@ def della(
   return tv.apply(base, _combine(vectors, combine), scale)
 
 
+SPARSIFIERS = ("none", "ties_trim", "dare", "breadcrumbs", "della")
+
+
+def sparsify_combine(
+  base: Params,
+  experts: Sequence[Params],
+  *,
+  sparsifier: str = "ties_trim",
+  combine: str = "sum",
+  key: jax.Array | None = None,
+  density: Any = 0.2,
+  gamma: Any = 0.006,
+  epsilon: Any = 0.1,
+  scale: Any = 1.0,
+) -> Params:
+  """Any sparsifier followed by any combiner: θ = θ0 + λ · combine(sparsify(τ1..τT)).
+
+  The named rules are fixed points of this grid (TIES = ties_trim + ties, DARE-TIES = dare + ties,
+  Breadcrumbs = breadcrumbs + sum); the rest (TIES-trim + sum, Breadcrumbs + mean, ...) come free.
+
+  Args:
+    base: pre-trained parameters θ0.
+    experts: fine-tuned models θt.
+    sparsifier: "none", "ties_trim" (scope "model"), "dare" (1/(1−p) rescale), "breadcrumbs"
+      (per leaf) or "della" (per row).
+    combine: "sum", "mean" or "ties" (mass election, disjoint mean).
+    key: PRNG key, required by "dare" and "della".
+    density: fraction kept by the sparsifier.
+    gamma: Breadcrumbs' outlier fraction.
+    epsilon: DELLA's probability half-width.
+    scale: λ.
+
+  Returns:
+    Merged parameters.
+  """
+  if sparsifier not in SPARSIFIERS:
+    raise ValueError(f"sparsifier must be one of {SPARSIFIERS}, got {sparsifier!r}.")
+  if sparsifier in ("dare", "della") and key is None:
+    raise ValueError(f"sparsifier={sparsifier!r} is random: pass key=jax.random.key(seed).")
+  vectors = tv.task_vectors(base, experts)
+  if sparsifier == "ties_trim":
+    vectors = sparsify.trim_top_fraction(vectors, density)
+  elif sparsifier == "dare":
+    vectors = sparsify.random_drop(vectors, key, density)
+  elif sparsifier == "breadcrumbs":
+    vectors = sparsify.breadcrumbs(vectors, density, gamma)
+  elif sparsifier == "della":
+    vectors = sparsify.della_drop(vectors, key, density, epsilon)
+  return tv.apply(base, _combine(vectors, combine), scale)
+
+
 # ------------------------------------------------------------------------- mask-based rules
 def consensus(
   base: Params,
@@ -441,6 +492,7 @@ REGISTRY: dict[str, Callable[..., Any]] = {
   "emr": emr_merging,
   "model_stock": model_stock,
   "slerp": slerp,
+  "sparsify_combine": sparsify_combine,
 }
 
 # Hyper-parameters that must lie in (0, 1] / [0, 1) / [0, 1]; checked on concrete values.
@@ -475,7 +527,7 @@ def _check_hparams(rule_name: str, hparams: dict[str, Any]) -> None:
     raise TypeError(
       f"Rule {rule_name!r} has no hyper-parameter(s) {unknown}; it takes {sorted(known)}."
     )
-  if "key" in known and hparams.get("key") is None:
+  if known.get("key", None) is inspect.Parameter.empty and hparams.get("key") is None:
     raise ValueError(f"Rule {rule_name!r} is random: pass key=jax.random.key(seed).")
   for name, value in hparams.items():
     if isinstance(value, str | bool) or value is None or name == "key":

@@ -14,26 +14,9 @@ import pytest
 from mergejax import checkpoint, rules, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The merge configs: every configs/*.py built on configs/default.py's `with_rule`.
 CONFIGS = sorted(
-  p.stem
-  for p in (ROOT / "configs").glob("*.py")
-  if p.stem
-  in {
-    "weight_average",
-    "task_arithmetic",
-    "task_negation",
-    "ties",
-    "ties_fusionbench",
-    "dare",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "consensus",
-    "emr",
-    "model_stock",
-    "slerp",
-  }
+  p.stem for p in (ROOT / "configs").glob("*.py") if "default.with_rule(" in p.read_text()
 )
 
 

@@ -388,3 +388,41 @@ class FrontDoorTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class SparsifyCombineTest(chex.TestCase):
+  def test_named_rules_are_points_of_the_grid(self):
+    base = _random_tree(0)
+    experts = [_random_tree(i) for i in (1, 2, 3)]
+    key = jax.random.key(4)
+    pairs = [
+      (
+        dict(sparsifier="ties_trim", combine="ties", density=0.3, scale=0.9),
+        rules.ties_merging(base, experts, density=0.3, scale=0.9, selection_method="bisect"),
+      ),
+      (
+        dict(sparsifier="dare", combine="ties", density=0.4, scale=0.9, key=key),
+        rules.dare_ties(base, experts, key=key, density=0.4, scale=0.9),
+      ),
+      (
+        dict(sparsifier="breadcrumbs", combine="sum", density=0.5, gamma=0.1, scale=0.5),
+        rules.breadcrumbs(base, experts, density=0.5, gamma=0.1, scale=0.5),
+      ),
+      (
+        dict(sparsifier="none", combine="sum", scale=0.3),
+        rules.task_arithmetic(base, experts, scale=0.3),
+      ),
+    ]
+    for kwargs, expected in pairs:
+      chex.assert_trees_all_close(
+        rules.merge("sparsify_combine", base, experts, **kwargs), expected, atol=1e-6
+      )
+
+  def test_trim_then_sum_hand_worked(self):
+    # Trim at 50% (see TIES_TAUS), then sum: [4, -2, 0, -3.5].
+    out = rules.sparsify_combine(_zeros(4), TIES_TAUS, density=0.5, combine="sum")
+    chex.assert_trees_all_close(out, _vec(4.0, -2.0, 0.0, -3.5))
+
+  def test_random_sparsifier_needs_key(self):
+    with self.assertRaisesRegex(ValueError, "is random"):
+      rules.merge("sparsify_combine", _zeros(4), TIES_TAUS, sparsifier="dare")
