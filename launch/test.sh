@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh "test,hf,notebooks"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # Parity tests build their models locally.
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q -m "not gpu" --nbmake tests/ notebooks/ "$@"
