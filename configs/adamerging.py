@@ -1,4 +1,4 @@
-r"""AdaMerging, layer-wise (Yang et al., ICLR 2024): the defaults every learned-merging config shares.
+r"""AdaMerging, layer-wise (Yang et al., ICLR 2024): the defaults of all learned-merging configs.
 
 Entropy of the merged model's predictions on unlabeled *test* inputs (transductive), one Λ per
 task vector and leaf, init 0.3, clamped to [0, 1]; Adam lr 1e-3, 500 steps, batch 16 per task.
@@ -22,9 +22,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.adapt_split = "test"
   # Where launch/learn_merge.py gets its problem; "synthetic" needs no downloads.
   config.problem = "synthetic"
-  config.synthetic = dict(num_tasks=4, in_dim=16, hidden=32, depth=2, num_classes=4,
-                          num_train=128, num_val=64, num_test=64)
-  # Basis vectors: "task_vectors" or "ties_trimmed" (top `density` of |τ| over each whole τ).
+  config.synthetic = dict(
+    num_tasks=4,
+    in_dim=16,
+    hidden=32,
+    depth=2,
+    num_classes=4,
+    num_train=128,
+    num_val=64,
+    num_test=64,
+  )
+  # Basis vectors: "task_vectors", "ties_trimmed" (top `density` of |τ| over each whole τ) or
+  # "dare" (keep each entry with probability `density`, rescale by 1/density).
   config.basis = dict(name="task_vectors", density=0.2)
   # Λ: granularity "task" | "layer" | "patterns" (regexes on "a/b/c" leaf paths).
   config.coefficients = dict(granularity="layer", patterns=(), init=0.3, clamp=(0.0, 1.0))
@@ -34,8 +43,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.optim = dict(name="adam", learning_rate=1e-3, weight_decay=0.0, clip_norm=0.0)
   # epochs > 0 overrides steps. eval_every: 0 = once per epoch, -1 = never (AdaMerging has no
   # validation: the last Λ is the result).
-  config.train = dict(batch_size=16, steps=20 if runlocal else 500, epochs=0, eval_every=-1,
-                      eval_batch_size=512, log_every=1 if runlocal else 10)
+  config.train = dict(
+    batch_size=16,
+    steps=20 if runlocal else 500,
+    epochs=0,
+    eval_every=-1,
+    eval_batch_size=512,
+    log_every=1 if runlocal else 10,
+  )
   # Selection on validation (never test): "accuracy" (normalized when reference accuracies are
   # given), "neg_entropy" or "neg_cross_entropy"; patience in evaluations, 0 = no early stop.
   config.early_stopping = dict(metric="accuracy", patience=0)

@@ -1,6 +1,6 @@
 r"""AdaMerging++ layer-wise: AdaMerging over TIES-trimmed task vectors (top 20% of |τ| kept).
 
-  python launch/learn_merge.py --config=configs/adamerging_plus.py:runlocal --workdir=/tmp/ada_pp
+python launch/learn_merge.py --config=configs/adamerging_plus.py:runlocal --workdir=/tmp/ada_pp
 """
 
 import ml_collections

@@ -1,6 +1,6 @@
 r"""AdaMerging task-wise: one Λ per task vector.
 
-  python launch/learn_merge.py --config=configs/adamerging_taskwise.py:runlocal --workdir=/tmp/ada_tw
+python launch/learn_merge.py --config=configs/adamerging_taskwise.py:runlocal --workdir=/tmp/ada_tw
 """
 
 import ml_collections

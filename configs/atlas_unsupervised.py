@@ -2,7 +2,8 @@ r"""aTLAS unsupervised: FixMatch-style pseudo-labels (confidence >= 0.99) on unl
 
 The best epoch is chosen by validation entropy (no labels used anywhere). Not transductive.
 
-  python launch/learn_merge.py --config=configs/atlas_unsupervised.py:runlocal --workdir=/tmp/atlas_u
+  python launch/learn_merge.py --config=configs/atlas_unsupervised.py:runlocal \
+      --workdir=/tmp/atlas_u
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-r"""DV-BASI unsupervised: entropy on unlabeled test inputs (transductive, as AdaMerging), from AdaMerging.
+r"""DV-BASI unsupervised: entropy on unlabeled test inputs (transductive), starting from AdaMerging.
 
 θ^(0) = layer-wise AdaMerging (config.start); the objective is entropy on test inputs; early
 stopping and the choice of iteration use validation entropy (labels unused, test never used for
@@ -9,8 +9,7 @@ selection).
 
 import ml_collections
 
-from configs import adamerging
-from configs import dv_basi
+from configs import adamerging, dv_basi
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -117,9 +117,12 @@ def save_pytree(path: str | os.PathLike, tree: Any) -> None:
 
 
 def _check_array_leaves(tree: Any) -> None:
+  """Fails before anything is written if a leaf is not a numeric array (names the leaf)."""
   for path, leaf in tree_lib.flatten(tree).items():
     if not isinstance(leaf, jax.Array | np.ndarray | np.generic | int | float):
       raise TypeError(f"Leaf {path!r} is a {type(leaf).__name__}, not an array; cannot save it.")
+    if np.dtype(getattr(leaf, "dtype", np.float32)).kind in "OSUM":  # bf16 & co. are kind "V".
+      raise TypeError(f"Leaf {path!r} has dtype {leaf.dtype}, which checkpoints cannot hold.")
 
 
 def load_pytree(path: str | os.PathLike, abstract_target: Any = None) -> Any:
@@ -139,6 +142,72 @@ def load_pytree(path: str | os.PathLike, abstract_target: Any = None) -> Any:
     abstract_target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_target)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path, abstract_target)
+
+
+# ------------------------------------------------------------------------------ training runs
+def training_manager(
+  workdir: str | os.PathLike, *, every_steps: int, keep: int
+) -> ocp.CheckpointManager:
+  """Returns a CheckpointManager for a resumable run under `workdir/checkpoints`.
+
+  Args:
+    workdir: the run's directory.
+    every_steps: save every this many steps (`save_training_state(force=True)` saves anyway).
+    keep: how many of the latest checkpoints to keep.
+
+  Returns:
+    An orbax CheckpointManager (use it as a context manager, or close it).
+  """
+  policies = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+    save_decision_policy=policies.FixedIntervalPolicy(every_steps),
+    preservation_policy=policies.LatestN(keep),
+    # Learned coefficients are tiny; a synchronous save keeps "saved" meaning "on disk" when the
+    # next step starts.
+    enable_async_checkpointing=False,
+    # A save killed midway leaves a "*.orbax-checkpoint-tmp*" directory that is never read as a
+    # checkpoint; remove such leftovers when the run restarts.
+    cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def save_training_state(
+  manager: ocp.CheckpointManager, step: int, state: Any, history: dict, *, force: bool = False
+) -> bool:
+  """Saves a training state pytree and a JSON history at `step` (if the policy says so).
+
+  Orbax writes into a temporary directory and renames it when complete, so a kill mid-save
+  leaves the previous good checkpoint as the latest one.
+
+  Returns:
+    Whether a checkpoint was written.
+  """
+  return manager.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)),
+    force=force,
+  )
+
+
+def restore_training_state(manager: ocp.CheckpointManager, template: Any) -> tuple[Any, dict]:
+  """Restores the latest (state, history); `template` gives the structure (NamedTuples survive).
+
+  Args:
+    manager: from `training_manager`.
+    template: a pytree of arrays or ShapeDtypeStructs shaped like the saved state.
+
+  Returns:
+    (state, history).
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  restored = manager.restore(
+    manager.latest_step(),
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
+    ),
+  )
+  return restored["state"], restored["history"]
 
 
 # ------------------------------------------------------------------------------ dispatch

@@ -1,0 +1,34 @@
+"""launch/learn_merge.py: learned merging (AdaMerging, aTLAS, DV-BASI). The work lives in
+mergejax.learned.methods.
+
+  python launch/learn_merge.py --config=configs/adamerging.py:runlocal --workdir=/tmp/adamerging
+"""
+
+import pathlib
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Variant configs import their base as `configs.<name>`: put the repository root on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from mergejax.learned import methods  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a configs/*.py learned-merging file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output (and resume) directory.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  logging.info("JAX devices: %s", jax.devices())
+  methods.learn_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

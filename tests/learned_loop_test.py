@@ -1,0 +1,288 @@
+"""Tests for mergejax.learned.loop: sampling, the step, early stopping, bit-identical resume."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
+
+from configs import adamerging  # noqa: E402
+from mergejax.learned import (
+  coefficients,  # noqa: E402
+  loop,  # noqa: E402
+  objectives,  # noqa: E402
+  synthetic,  # noqa: E402
+)
+
+_SAVED_FLAG = None
+
+
+def setUpModule():
+  # Compilation dominates these tests on CPU; XLA's optimizations buy nothing at these sizes.
+  global _SAVED_FLAG
+  _SAVED_FLAG = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+
+
+def tearDownModule():
+  jax.config.update("jax_disable_most_optimizations", _SAVED_FLAG)
+
+
+class _Killed(Exception):
+  """Stands in for a preemption: raised between a step and its checkpoint."""
+
+
+def _problem():
+  return synthetic.make_problem(1, num_tasks=2, hidden=16, num_train=48, num_val=24, num_test=24)
+
+
+def _config(**train):
+  config = adamerging.get_config("runlocal")
+  config.optim = dict(name="adamw", learning_rate=0.05, weight_decay=0.1, clip_norm=1.0)
+  config.train.update(dict(batch_size=8, steps=12, eval_every=3, log_every=1))
+  config.train.update(train)
+  config.early_stopping = dict(metric="accuracy", patience=0)
+  config.ckpt = dict(every_steps=4, keep=2)
+  return config
+
+
+def _run(problem, config, workdir=None, kill_at=None, sigkill=False):
+  basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
+
+  def on_step(step):
+    if step == kill_at:
+      if sigkill:  # A real kill: no exception handlers, no `finally`, no orbax close().
+        os.kill(os.getpid(), signal.SIGKILL)
+      raise _Killed()
+
+  return loop.learn_coefficients(
+    problem.apply_fn,
+    problem.base,
+    basis,
+    problem.test,
+    config,
+    val_data=problem.val,
+    workdir=workdir,
+    on_step=on_step,
+  )
+
+
+class SamplingTest(absltest.TestCase):
+  def test_each_epoch_is_a_permutation_and_depends_only_on_step(self):
+    data = [{"x": jnp.arange(12)}, {"x": jnp.arange(7) + 100}]
+    key = jax.random.key(3)
+    sample = jax.jit(lambda s: loop.sample_batches(key, s, data, 3))
+    epoch0 = np.concatenate([np.asarray(sample(jnp.int32(s))[0]["x"]) for s in range(4)])
+    np.testing.assert_array_equal(np.sort(epoch0), np.arange(12))
+    # Task 1 has 7 examples: 2 batches per epoch, its own epochs, one example dropped per epoch.
+    task1 = np.concatenate([np.asarray(sample(jnp.int32(s))[1]["x"]) for s in range(2)])
+    self.assertLen(set(task1.tolist()), 6)
+    epoch1 = np.concatenate([np.asarray(sample(jnp.int32(s))[0]["x"]) for s in range(4, 8)])
+    self.assertFalse(np.array_equal(epoch0, epoch1))  # Reshuffled each epoch.
+    np.testing.assert_array_equal(sample(jnp.int32(5))[0]["x"], sample(jnp.int32(5))[0]["x"])
+    self.assertEqual(loop.steps_per_epoch(data, 3), 4)
+
+
+class OptimizerTest(absltest.TestCase):
+  def test_make_optimizer(self):
+    params = jnp.ones(3)
+    for optim in (
+      dict(name="adam", learning_rate=0.1),
+      dict(name="adamw", learning_rate=0.1, weight_decay=0.1, clip_norm=1.0),
+      dict(name="sgd", learning_rate=0.1, weight_decay=0.01),
+    ):
+      opt = loop.make_optimizer(optim)
+      updates, _ = opt.update(jnp.ones(3), opt.init(params), params)
+      self.assertTrue(np.all(np.asarray(updates) < 0), optim)
+    with self.assertRaises(ValueError):
+      loop.make_optimizer(dict(name="lion", learning_rate=0.1))
+
+
+class TrainStepTest(parameterized.TestCase):
+  def _step(self, use_mgda):
+    problem = _problem()
+    basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
+    blocks = coefficients.make_blocks(problem.base, granularity="layer")
+    opt = optax.adam(0.05)
+    step = loop.make_train_step(
+      problem.apply_fn,
+      objectives.get_objective("entropy"),
+      blocks,
+      opt,
+      batch_size=8,
+      clamp=(0.0, 1.0),
+      use_mgda=use_mgda,
+    )
+    coeffs = coefficients.init_coefficients(blocks, len(basis), 0.3)
+    state = {
+      "coeffs": coeffs,
+      "opt_state": opt.init(coeffs),
+      "step": jnp.zeros([], jnp.int32),
+      "rng": jax.random.key_data(jax.random.key(0)),
+    }
+    data = tuple({"x": d["x"]} for d in problem.test)
+    losses = []
+    for _ in range(15):
+      state, metrics = step(state, problem.base, basis, data)
+      losses.append(float(metrics["loss"]))
+    return state, metrics, losses
+
+  @parameterized.parameters(False, True)
+  def test_scanned_and_unrolled_tasks_agree(self, use_mgda):
+    # Equal input shapes take the lax.scan path; reshaping task 1's inputs forces the unrolled
+    # Python loop over tasks. Both must give the same losses and update.
+    problem = _problem()
+    basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
+    blocks = coefficients.make_blocks(problem.base, granularity="layer")
+    opt = optax.sgd(1.0)
+
+    def apply_fn(params, x, task):
+      return problem.apply_fn(params, x.reshape(x.shape[0], -1), task)
+
+    step = loop.make_train_step(
+      apply_fn, objectives.get_objective("entropy"), blocks, opt, batch_size=8, use_mgda=use_mgda
+    )
+    coeffs = coefficients.init_coefficients(blocks, len(basis), 0.3)
+    results = []
+    for reshape in (False, True):
+      data = [{"x": d["x"]} for d in problem.test]
+      if reshape:
+        data[1] = {"x": data[1]["x"].reshape(-1, 2, data[1]["x"].shape[1] // 2)}
+      # Fresh copies: the step donates its state.
+      state = {
+        "coeffs": jnp.array(coeffs, copy=True),
+        "opt_state": opt.init(coeffs),
+        "step": jnp.zeros([], jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(0)),
+      }
+      results.append(step(state, problem.base, basis, tuple(data)))
+    (scanned, m_scanned), (unrolled, m_unrolled) = results
+    np.testing.assert_allclose(m_scanned["task_losses"], m_unrolled["task_losses"], rtol=1e-5)
+    np.testing.assert_allclose(scanned["coeffs"], unrolled["coeffs"], rtol=1e-4, atol=1e-6)
+    self.assertFalse(np.allclose(scanned["coeffs"], coeffs))
+
+  def test_entropy_decreases_and_coefficients_stay_clamped(self):
+    state, _, losses = self._step(use_mgda=False)
+    self.assertLess(np.mean(losses[-3:]), np.mean(losses[:3]))
+    self.assertEqual(int(state["step"]), 15)
+    self.assertTrue(np.all((np.asarray(state["coeffs"]) >= 0) & (np.asarray(state["coeffs"]) <= 1)))
+
+  def test_mgda_weights_are_on_the_simplex(self):
+    _, metrics, losses = self._step(use_mgda=True)
+    weights = np.asarray(metrics["task_weights"])
+    self.assertTrue(np.all(weights >= 0))
+    np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-5)
+    self.assertLess(np.mean(losses[-3:]), np.mean(losses[:3]))
+
+
+class LearnCoefficientsTest(absltest.TestCase):
+  def _tempdir(self):
+    # absltest's create_tempdir needs parsed absl flags, which pytest does not provide.
+    path = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return pathlib.Path(path)
+
+  def test_resume_after_a_kill_is_bit_identical(self):
+    problem = _problem()
+    config = _config()
+    reference = _run(problem, config, workdir=self._tempdir())
+
+    workdir = self._tempdir()
+    # Killed after step 8, before its checkpoint is written (the last one is 4); then a
+    # leftover partial save.
+    with self.assertRaises(_Killed):
+      _run(problem, config, workdir=workdir, kill_at=8)
+    self.assertEqual(sorted(p.name for p in (workdir / "checkpoints").iterdir()), ["4"])
+    # Restart as a fresh process would: nothing compiled is reused.
+    loop.make_train_step.cache_clear()
+    jax.clear_caches()
+    partial = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-123"
+    partial.mkdir()
+    (partial / "garbage").write_text("half-written")
+    resumed = _run(problem, config, workdir=workdir)
+
+    chex.assert_trees_all_equal(resumed.coeffs, reference.coeffs)
+    chex.assert_trees_all_equal(resumed.final_coeffs, reference.final_coeffs)
+    chex.assert_trees_all_equal(resumed.params, reference.params)
+    self.assertEqual(resumed.history, reference.history)
+    self.assertEqual(resumed.best_step, reference.best_step)
+    self.assertLen(reference.history["eval"], 4)
+    # The run moved, so equality is not trivially between two initial states.
+    self.assertFalse(np.array_equal(reference.final_coeffs, jnp.full_like(reference.coeffs, 0.3)))
+
+    # A finished run restarts into its final checkpoint and returns the same result, no steps.
+    again = _run(problem, config, workdir=workdir, kill_at=1)
+    chex.assert_trees_all_equal(again.coeffs, reference.coeffs)
+
+  def test_resume_after_sigkill_in_another_process_is_bit_identical(self):
+    problem = _problem()
+    config = _config()
+    reference = _run(problem, config)
+    workdir = self._tempdir()
+    child = subprocess.run(
+      [sys.executable, __file__],
+      env=dict(os.environ, LEARNED_LOOP_KILL_CHILD=str(workdir)),
+      capture_output=True,
+      timeout=120,
+    )
+    self.assertEqual(child.returncode, -signal.SIGKILL, child.stderr.decode()[-2000:])
+    self.assertEqual(sorted(p.name for p in (workdir / "checkpoints").iterdir()), ["4", "8"])
+    resumed = _run(problem, config, workdir=workdir)
+    chex.assert_trees_all_equal(resumed.coeffs, reference.coeffs)
+    chex.assert_trees_all_equal(resumed.final_coeffs, reference.final_coeffs)
+    self.assertEqual(resumed.history, reference.history)
+
+  def test_early_stopping_and_best_selection(self):
+    problem = _problem()
+    config = _config(steps=60, eval_every=2)
+    # Large lr + weight decay: validation accuracy plateaus, patience 2 must stop the run.
+    config.optim = dict(name="adam", learning_rate=0.3, weight_decay=0.0, clip_norm=0.0)
+    config.early_stopping.patience = 2
+    result = _run(problem, config)
+    evals = result.history["eval"]
+    self.assertLess(evals[-1][0], 60)  # Stopped early.
+    metrics = [e[1] for e in evals]
+    best = int(np.argmax(metrics))  # First maximum: later ties do not replace it.
+    self.assertEqual(result.best_step, evals[best][0])
+    self.assertEqual(result.best_metric, np.float32(metrics[best]))
+    # The two evaluations after the best were not better, and the run stopped right there.
+    self.assertEqual(len(evals) - 1 - best, 2)
+    self.assertTrue(result.transductive)  # adapt_split == "test" in the AdaMerging config.
+
+  def test_labels_never_reach_an_unsupervised_objective(self):
+    problem = _problem()
+    seen = []
+
+    def apply_fn(params, x, task):
+      seen.append(x.shape)
+      return problem.apply_fn(params, x, task)
+
+    config = _config(steps=2, eval_every=-1)
+    basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
+    # Poisoned labels: out-of-range class ids would make a cross-entropy NaN if they were used.
+    poisoned = [dict(d, y=jnp.full_like(d["y"], 10**6)) for d in problem.train]
+    result = loop.learn_coefficients(apply_fn, problem.base, basis, poisoned, config)
+    self.assertTrue(all(np.isfinite(v) for _, v in result.history["loss"]))
+    self.assertTrue(seen)
+
+
+if __name__ == "__main__":
+  if "LEARNED_LOOP_KILL_CHILD" in os.environ:
+    # Child of the SIGKILL test: checkpoints at 4 and 8, killed after step 10.
+    setUpModule()
+    _run(
+      _problem(), _config(), workdir=os.environ["LEARNED_LOOP_KILL_CHILD"], kill_at=10, sigkill=True
+    )
+  else:
+    absltest.main()
