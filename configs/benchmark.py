@@ -1,0 +1,117 @@
+r"""The built-in offline benchmark: 8 digit tasks, one pre-trained backbone, experts, merges.
+
+  python launch/benchmark.py --config=configs/benchmark.py --workdir=/tmp/mergejax_bench
+  python launch/benchmark.py --config=configs/benchmark.py:smoke --workdir=/tmp/bench_smoke
+  python launch/benchmark.py --config=configs/benchmark.py:vit --workdir=/tmp/bench_vit
+
+`arg` is a comma-separated list of switches: "smoke" (alias "runlocal") shrinks everything so the
+zoo builds in seconds (tests, notebook); "vit" swaps the MLP for the small ViT.
+"""
+
+import ml_collections
+
+# λ grids. Task arithmetic follows METHODS.md ({0, 0.05, ..., 1}); rules whose merged vector is a
+# mean over tasks (TIES's disjoint mean) need λ around 1 and get a wider grid.
+_TA_SCALES = tuple(round(0.05 * i, 2) for i in range(21))
+_MEAN_SCALES = tuple(round(0.1 * i, 1) for i in range(1, 21))
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """Returns the config; see the module docstring for `arg`."""
+  switches = {s.strip() for s in arg.split(",") if s.strip()}
+  unknown = switches - {"smoke", "runlocal", "vit"}
+  if unknown:
+    raise ValueError(f"Unknown config switch(es) {sorted(unknown)}; use smoke, runlocal, vit.")
+  smoke = bool(switches & {"smoke", "runlocal"})
+  vit = "vit" in switches
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # Zoo cache: one sub-directory per hash of `config.zoo` (and the seed).
+  config.cache_dir = "~/.cache/mergejax/zoo"
+
+  # Everything that determines the zoo (pre-trained model, experts, multi-task model).
+  config.zoo = ml_collections.ConfigDict()
+  config.zoo.model_name = "vit" if vit else "mlp"  # Key in mergejax.models.MODELS.
+  if vit:
+    config.zoo.model = dict(patch_size=2, dim=64, depth=2, num_heads=4, mlp_dim=128, pool="gap")
+  else:
+    config.zoo.model = dict(width=512, depth=2)
+  # Tasks: keys of mergejax.data.TRANSFORMS. The backbone and the shared head are pre-trained on
+  # `pretrain_tasks`, so the pre-trained model is weak on every benchmark task.
+  config.zoo.tasks = (
+    "rot90",
+    "rot180",
+    "rot270",
+    "hflip",
+    "vflip",
+    "transpose",
+    "invert",
+    "permute",
+  )
+  config.zoo.pretrain_tasks = ("identity",)
+  config.zoo.data = dict(val_fraction=0.15, test_fraction=0.25, split_seed=0)
+  config.zoo.pretrain = dict(
+    steps=500, batch_size=128, learning_rate=1e-3, warmup_steps=50, weight_decay=0.0
+  )
+  config.zoo.finetune = dict(
+    steps=500, batch_size=128, learning_rate=1e-3, warmup_steps=50, weight_decay=0.1
+  )
+  # SAM / ASAM radii from METHODS.md (SAFT: ASAM 0.5, SAM 0.05).
+  config.zoo.rho = dict(sam=0.05, asam=0.5)
+  # The multi-task reference: one backbone trained on the union of all tasks' training splits.
+  config.zoo.multitask_steps = 2000
+  # Fine-tuning modes built into the zoo: standard | sam | asam | linearized.
+  config.zoo.modes = ("standard", "sam")
+  if vit:
+    config.zoo.pretrain.learning_rate = 3e-3
+    config.zoo.pretrain.steps = 1000
+  if smoke:
+    config.zoo.tasks = ("rot90", "hflip", "permute")
+    config.zoo.model = (
+      dict(patch_size=4, dim=16, depth=1, num_heads=2, mlp_dim=32, pool="gap")
+      if vit
+      else dict(width=64, depth=1)
+    )
+    # Few, large steps: the smoke zoo still learns (pre-trained weak, experts clearly better).
+    config.zoo.pretrain.steps = 200
+    config.zoo.finetune.steps = 150
+    config.zoo.multitask_steps = 300
+    config.zoo.pretrain.learning_rate = config.zoo.finetune.learning_rate = 3e-3
+    config.zoo.modes = ("standard",)
+    config.zoo.pretrain.warmup_steps = config.zoo.finetune.warmup_steps = 5
+
+  # Merging: the rules run for each fine-tuning mode, with their validation grids. Every grid
+  # entry is a tuple of candidate values; the best combination by mean normalized validation
+  # accuracy is reported on test.
+  config.rules = (
+    "weight_average",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "breadcrumbs",
+    "consensus",
+    "emr",
+  )
+  config.grids = ml_collections.ConfigDict()
+  config.grids.task_arithmetic = dict(scale=_TA_SCALES)
+  config.grids.ties = dict(density=(0.1, 0.2, 0.3), scale=_MEAN_SCALES)
+  config.grids.dare_ties = dict(density=(0.1, 0.2, 0.3), scale=_MEAN_SCALES)
+  config.grids.breadcrumbs = dict(
+    density=(0.1, 0.15, 0.2), gamma=(0.001, 0.006, 0.01), scale=_TA_SCALES[1:]
+  )
+  config.grids.consensus = dict(tall_lambda=(0.2, 0.4, 0.6), scale=_TA_SCALES[1:])
+  if smoke:
+    config.grids.task_arithmetic = dict(scale=(0.0, 0.3, 0.6, 1.0))
+    config.grids.ties = dict(density=(0.2,), scale=(0.5, 1.0))
+    config.grids.dare_ties = dict(density=(0.2,), scale=(0.5, 1.0))
+    config.grids.breadcrumbs = dict(density=(0.15,), gamma=(0.006,), scale=(0.3, 0.6))
+    config.grids.consensus = dict(tall_lambda=(0.4,), scale=(0.3, 0.6))
+  if vit and not smoke:
+    # The ViT's many leaves make each merge slower: search λ at the rules' published points.
+    config.grids.ties.density = (0.2,)
+    config.grids.dare_ties.density = (0.1, 0.2)
+    config.grids.breadcrumbs.density = (0.15,)
+    config.grids.breadcrumbs.gamma = (0.006,)
+  config.plots = True
+  return config

@@ -1,0 +1,271 @@
+"""The built-in offline benchmark: build or load the zoo, merge with every rule, report.
+
+One story in phases: (1) data and zoo, (2) reference rows (pre-trained, experts, multi-task),
+(3) for each fine-tuning mode and rule, select hyper-parameters on validation by mean normalized
+accuracy and report test, (4) write results.md / results.json with provenance, and plots.
+
+Selection never looks at test: every grid point is scored on the validation splits only, and the
+test split is evaluated once, for the chosen point.
+"""
+
+import functools
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+
+from mergejax import evaluate, finetune, plots, provenance, rules
+from mergejax import task_vectors as tv_lib
+from mergejax import zoo as zoo_lib
+
+Params = Any
+# Names in the printed table.
+RULE_LABELS = {
+  "weight_average": "weight averaging",
+  "task_arithmetic": "task arithmetic",
+  "ties": "TIES",
+  "dare_ties": "DARE-TIES",
+  "breadcrumbs": "Breadcrumbs",
+  "consensus": "Consensus (TA)",
+  "emr": "EMR (task id)",
+}
+
+
+def _grid_points(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
+  if not grid:
+    return [{}]
+  names = list(grid)
+  return [dict(zip(names, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def select_on_validation(
+  score_fn, grid: Mapping[str, Sequence[Any]] | None
+) -> tuple[dict[str, Any], float, list[tuple[dict[str, Any], np.ndarray]]]:
+  """Evaluates `score_fn(hparams) -> per-task normalized val accuracy` over a grid; keeps the best.
+
+  Ties go to the earliest grid point (grids list λ in increasing order).
+
+  Args:
+    score_fn: maps a hyper-parameter dict to per-task normalized validation accuracies.
+    grid: {name: candidate values}; None or {} means a single, empty point.
+
+  Returns:
+    (best hparams, best mean score, [(hparams, per-task scores)] for every point).
+  """
+  trace = []
+  best, best_score = None, -np.inf
+  for point in _grid_points(grid):
+    scores = np.asarray(score_fn(point))
+    trace.append((point, scores))
+    if scores.mean() > best_score:
+      best, best_score = point, float(scores.mean())
+  return best, best_score, trace
+
+
+def _row(method, fine_tuning, hparams, test, reference, val=None):
+  summary = evaluate.summarize(test, reference)
+  row = {
+    "method": method,
+    "fine_tuning": fine_tuning,
+    "hparams": dict(hparams),
+    "test": [float(a) for a in test],
+    **summary,
+  }
+  if val is not None:
+    row["val"] = [float(a) for a in val]
+  return row
+
+
+def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Runs the benchmark described by `config` (configs/benchmark.py) and writes its results.
+
+  Args:
+    config: the benchmark config.
+    workdir: output directory for results.md, results.json and the plots.
+
+  Returns:
+    The results: {"rows", "tasks", "markdown", "provenance", "zoo", "curves", "paths"}.
+  """
+  started = time.time()
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # 1. Data and zoo (built once per config hash, then loaded from the cache).
+  data = zoo_lib.load_data(config.zoo)
+  zoo_start = time.time()
+  zoo = zoo_lib.load_or_build(config.zoo, config.seed, config.cache_dir, data)
+  zoo_seconds = time.time() - zoo_start
+  logging.info("Zoo %s: %s in %.1fs.", zoo.key, "loaded" if zoo.cache_hit else "built", zoo_seconds)
+  model = zoo_lib.build_model(config.zoo)
+  tasks = zoo.tasks
+  head, base = zoo.pretrained["head"], zoo.pretrained["backbone"]
+  val = evaluate.stack_splits([data[t].val for t in tasks])
+  test = evaluate.stack_splits([data[t].test for t in tasks])
+  # One jitted accuracy function per forward pass; linearized experts (and their merges) are
+  # evaluated with the Taylor model around the pre-trained backbone.
+  acc_fns = {
+    mode: evaluate.make_accuracy_fn(finetune.make_apply(model, mode=mode, base_backbone=base), head)
+    for mode in {"standard", *config.zoo.modes}
+  }
+
+  def accuracy(backbone, split, mode="standard"):
+    return np.asarray(acc_fns[mode](backbone, *split))
+
+  # 2. Reference rows. expert_matrix[i, j]: expert i on task j; its diagonal is the reference of
+  # normalized accuracy (per mode).
+  expert_val, expert_test, matrices = {}, {}, {}
+  for mode in config.zoo.modes:
+    mat_val = np.stack([accuracy(e, val, mode) for e in zoo.experts[mode]])
+    mat_test = np.stack([accuracy(e, test, mode) for e in zoo.experts[mode]])
+    expert_val[mode], expert_test[mode] = np.diag(mat_val), np.diag(mat_test)
+    matrices[mode] = mat_test
+  ref_mode = config.zoo.modes[0]
+  rows = [
+    _row("pre-trained", "-", {}, accuracy(base, test), expert_test[ref_mode]),
+    _row(
+      "multi-task (joint training)", "-", {}, accuracy(zoo.multitask, test), expert_test[ref_mode]
+    ),
+  ]
+
+  # 3. Merges: every rule, per fine-tuning mode, hyper-parameters chosen on validation.
+  curves, selection, conflicts, cosines = {}, {}, {}, {}
+  key = jax.random.key(config.seed)
+  for mode in config.zoo.modes:
+    experts = zoo.experts[mode]
+    rows.append(
+      _row(
+        "fine-tuned (individual)", mode, {}, expert_test[mode], expert_test[mode], expert_val[mode]
+      )
+    )
+    vectors = tv_lib.task_vectors(base, experts)
+    cosines[mode] = plots.cosine_matrix(vectors)
+    conflicts[mode] = plots.sign_conflict_rates(vectors)
+    mode_accuracy = functools.partial(accuracy, mode=mode)
+    for rule in tqdm.tqdm(config.rules, desc=f"merging ({mode})", leave=False):
+      rule_start = time.time()
+      extra = {"key": key} if "key" in rules.hparams_of(rule) else {}
+      grid = config.grids.get(rule)
+      grid = grid.to_dict() if grid is not None else None
+      best, val_acc, test_acc, trace = _run_rule(
+        rule, base, experts, mode_accuracy, val, test, expert_val[mode], grid, extra
+      )
+      if grid and "scale" in grid:
+        curves[f"{rule} ({mode})"] = _scale_curve(trace, expert_val[mode])
+      rows.append(
+        _row(RULE_LABELS.get(rule, rule), mode, best, test_acc, expert_test[mode], val_acc)
+      )
+      selection[f"{rule} ({mode})"] = {
+        "grid_points": len(trace),
+        "seconds": round(time.time() - rule_start, 2),
+      }
+
+  # 4. Results with provenance, and plots.
+  markdown = evaluate.results_markdown(rows, tasks)
+  record = provenance.record(config, seed=config.seed, started=started)
+  zoo_info = {
+    "key": zoo.key,
+    "cache_hit": zoo.cache_hit,
+    "seconds": round(zoo_seconds, 2),
+    "build": zoo.meta,
+    "num_backbone_params": zoo_lib.num_params(base),
+  }
+  paths = {}
+  if config.plots:
+    paths["cosine"] = str(
+      plots.plot_cosine(
+        cosines[ref_mode],
+        tasks,
+        workdir / "cosine.png",
+        title=f"Cosine similarity of task vectors ({ref_mode})",
+      )
+    )
+    paths["sign_conflicts"] = str(
+      plots.plot_sign_conflicts(conflicts, workdir / "sign_conflicts.png")
+    )
+    if curves:
+      paths["accuracy_vs_scale"] = str(
+        plots.plot_accuracy_vs_scale(curves, workdir / "accuracy_vs_lambda.png")
+      )
+  # Final figures, after the plots: wall time of the whole job and its peak memory.
+  record["wall_time_s"] = round(time.time() - started, 3)
+  record["peak_rss_mib"] = round(provenance.peak_rss_mib(), 1)
+  extra = {
+    "zoo": zoo_info,
+    "expert_matrix_test": {m: v.tolist() for m, v in matrices.items()},
+    "cosine": {m: v.tolist() for m, v in cosines.items()},
+    "sign_conflicts": conflicts,
+    "curves": curves,
+    "selection": selection,
+    "plots": paths,
+  }
+  notes = evaluate.matrix_markdown(
+    matrices[ref_mode], tasks, title=f"Test accuracy (%) of each {ref_mode} expert on every task:"
+  )
+  md_path, json_path = evaluate.write_results(
+    workdir, rows, tasks, record, extra=extra, notes_markdown=notes
+  )
+  paths.update(markdown=str(md_path), json=str(json_path))
+  print(markdown)
+  print(
+    f"zoo {zoo.key} ({'cache hit' if zoo.cache_hit else 'built'}, {zoo_seconds:.1f}s); "
+    f"total {record['wall_time_s']:.1f}s, peak RSS {record['peak_rss_mib']} MiB"
+  )
+  return {
+    "rows": rows,
+    "tasks": tasks,
+    "markdown": markdown,
+    "provenance": record,
+    "zoo": zoo_info,
+    "curves": curves,
+    "paths": paths,
+    "expert_matrix_test": matrices,
+  }
+
+
+def _run_rule(rule, base, experts, accuracy, val, test, expert_val, grid, extra):
+  """Selects `rule`'s hyper-parameters on validation; returns (best, val acc, test acc, trace)."""
+  if rule == "emr":
+    merged = rules.merge("emr", base, experts)
+    task_models = [rules.emr_task_model(base, merged, t) for t in range(len(experts))]
+
+    def split_acc(split):
+      # Task t is evaluated with its own model (EMR needs the task id at inference).
+      x, y = split
+      return np.array(
+        [accuracy(m, (x[t : t + 1], y[t : t + 1]))[0] for t, m in enumerate(task_models)]
+      )
+
+    return {}, split_acc(val), split_acc(test), []
+
+  def score(hp):
+    # The inputs are checked for NaN/Inf once, by the final merge below; the sweep skips the
+    # per-leaf device reductions (they dominate a sweep over a many-leaf ViT).
+    merged = rules.merge(rule, base, experts, check_finite=False, **hp, **extra)
+    return evaluate.normalized_accuracy(accuracy(merged, val), expert_val)
+
+  best, _, trace = select_on_validation(score, grid)
+  merged = rules.merge(rule, base, experts, **best, **extra)
+  return best, accuracy(merged, val), accuracy(merged, test), trace
+
+
+def _scale_curve(trace, reference) -> dict[str, list[float]]:
+  """Best validation score at each λ (maximized over the other hyper-parameters)."""
+  by_scale: dict[float, np.ndarray] = {}
+  for hp, norm in trace:
+    s = float(hp["scale"])
+    if s not in by_scale or norm.mean() > by_scale[s].mean():
+      by_scale[s] = norm
+  scales = sorted(by_scale)
+  ref = np.asarray(reference)
+  return {
+    "scale": scales,
+    "norm": [float(by_scale[s].mean()) for s in scales],
+    "avg": [float((by_scale[s] * ref).mean()) for s in scales],
+  }

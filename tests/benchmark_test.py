@@ -1,0 +1,80 @@
+"""Smoke run of the benchmark: all rows, results files, plots, selection on validation only."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+
+from configs import benchmark as benchmark_config
+from mergejax import benchmark, plots
+
+
+def test_smoke_run(tmp_path):
+  config = benchmark_config.get_config("smoke")
+  config.cache_dir = str(tmp_path / "cache")
+  out = benchmark.run_benchmark(config, tmp_path / "work")
+  rows, tasks = out["rows"], out["tasks"]
+  modes, rules = config.zoo.modes, config.rules
+  assert len(rows) == 2 + len(modes) * (1 + len(rules))
+  methods = {r["method"] for r in rows}
+  assert {"pre-trained", "multi-task (joint training)", "fine-tuned (individual)"} <= methods
+  assert {benchmark.RULE_LABELS[r] for r in rules} <= methods
+  for r in rows:
+    assert len(r["test"]) == len(tasks)
+    assert all(0.0 <= a <= 1.0 for a in r["test"])
+    assert np.isclose(r["avg"], np.mean(r["test"]))
+  individual = [r for r in rows if r["method"] == "fine-tuned (individual)"]
+  assert all(np.isclose(r["norm"], 1.0) for r in individual)
+  # Selected λ comes from the config's grid.
+  ta = next(r for r in rows if r["method"] == "task arithmetic")
+  assert ta["hparams"]["scale"] in config.grids.task_arithmetic.scale
+
+  work = tmp_path / "work"
+  for name in (
+    "results.md",
+    "results.json",
+    "cosine.png",
+    "sign_conflicts.png",
+    "accuracy_vs_lambda.png",
+  ):
+    assert (work / name).stat().st_size > 0, name
+  payload = json.loads((work / "results.json").read_text())
+  assert payload["provenance"]["seed"] == config.seed
+  assert payload["provenance"]["wall_time_s"] > 0
+  assert not payload["zoo"]["cache_hit"]
+
+  # The second run loads the zoo from the cache.
+  config.plots = False
+  again = benchmark.run_benchmark(config, tmp_path / "work2")
+  assert again["zoo"]["cache_hit"]
+  assert [r["test"] for r in again["rows"]] == [r["test"] for r in rows]
+
+
+def test_selection_uses_only_the_score_and_prefers_the_first_tie():
+  calls = []
+
+  def score(hp):
+    calls.append(dict(hp))
+    return np.array([1.0 - abs(hp["scale"] - 0.4), 0.5 if hp["density"] == 0.2 else 0.4])
+
+  best, best_score, trace = benchmark.select_on_validation(
+    score, {"density": (0.1, 0.2), "scale": (0.2, 0.4, 0.6)}
+  )
+  assert best == {"density": 0.2, "scale": 0.4}
+  assert np.isclose(best_score, 0.75)
+  assert len(trace) == len(calls) == 6
+  tie, _, _ = benchmark.select_on_validation(lambda hp: np.ones(2), {"scale": (0.1, 0.2)})
+  assert tie == {"scale": 0.1}
+  assert benchmark.select_on_validation(lambda hp: np.ones(1), None)[0] == {}
+
+
+def test_task_vector_statistics():
+  a = {"w": jnp.array([1.0, -1.0, 0.0, 2.0])}
+  b = {"w": jnp.array([1.0, 1.0, 0.0, -2.0])}
+  c = {"w": jnp.zeros(4)}
+  cos = plots.cosine_matrix([a, b, c])
+  np.testing.assert_allclose(cos[0, 0], 1.0)
+  np.testing.assert_allclose(cos[0, 1], (1 - 1 - 4) / 6.0)
+  assert cos[0, 2] == 0.0 and cos[2, 2] == 0.0
+  # Entries 1 and 3 have opposite signs; entry 0 agrees; entry 2 is zero everywhere.
+  assert plots.sign_conflict_rates([a, b, c]) == {"w": 0.5}
