@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from mergejax import rules
+from mergejax import rules, sparsify
 
 
 def _vec(*values):
@@ -426,3 +426,31 @@ class SparsifyCombineTest(chex.TestCase):
   def test_random_sparsifier_needs_key(self):
     with self.assertRaisesRegex(ValueError, "is random"):
       rules.merge("sparsify_combine", _zeros(4), TIES_TAUS, sparsifier="dare")
+
+
+class RandomMaskTest(parameterized.TestCase):
+  def test_batched_leaf_keys_equal_per_leaf_keys(self):
+    key = jax.random.key(11)
+    paths = ["enc/w", "enc/b", "head"]
+    data = sparsify.leaf_key_data(key, 3, paths)
+    for t in range(3):
+      for i, p in enumerate(paths):
+        np.testing.assert_array_equal(data[t, i], jax.random.key_data(sparsify.leaf_key(key, t, p)))
+
+  def test_uniforms_look_uniform_and_independent(self):
+    key_data = sparsify.leaf_key_data(jax.random.key(0), 2, ["w"])
+    u0 = np.asarray(sparsify.uniform_from_key_data(key_data[0, 0], (1 << 20,)))
+    u1 = np.asarray(sparsify.uniform_from_key_data(key_data[1, 0], (1 << 20,)))
+    self.assertTrue(((u0 >= 0) & (u0 < 1)).all())
+    counts, _ = np.histogram(u0, bins=64, range=(0, 1))
+    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
+    self.assertLess(chi2, 120)  # 63 degrees of freedom: p < 1e-5 beyond ~120.
+    self.assertLess(abs(np.corrcoef(u0[:-1], u0[1:])[0, 1]), 0.005)  # Neighbouring entries.
+    self.assertLess(abs(np.corrcoef(u0, u1)[0, 1]), 0.005)  # Two experts' masks.
+    both = np.mean((u0 < 0.3) & (u1 < 0.3))
+    self.assertAlmostEqual(both, 0.09, delta=0.002)
+
+  def test_uniforms_do_not_depend_on_shape_or_scope(self):
+    d = sparsify.leaf_key_data(jax.random.key(0), 1, ["w"])[0, 0]
+    flat = sparsify.uniform_from_key_data(d, (12,))
+    np.testing.assert_array_equal(sparsify.uniform_from_key_data(d, (3, 4)).ravel(), flat)
