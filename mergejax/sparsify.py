@@ -208,18 +208,17 @@ def uniform_from_key_data(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Ar
   return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
-def _leaf_uniforms(vectors: Sequence[Params], key: jax.Array):
-  """Yields (t, treedef, leaves, uniform(shape) per leaf) for every vector."""
+def _map_with_uniforms(vectors: Sequence[Params], key: jax.Array, fn) -> list[Params]:
+  """Returns, per vector, the tree of `fn(leaf, uniforms shaped like leaf)`, one key per
+  (expert, leaf path)."""
   paths = [path_str(p) for p, _ in jax.tree.flatten_with_path(vectors[0])[0]]
   data = leaf_key_data(key, len(vectors), paths)
+  out = []
   for t, vector in enumerate(vectors):
     leaves, treedef = jax.tree.flatten(vector)
-    yield (
-      t,
-      treedef,
-      leaves,
-      [lambda shape, d=data[t, i]: uniform_from_key_data(d, shape) for i in range(len(leaves))],
-    )
+    new = [fn(x, uniform_from_key_data(data[t, i], x.shape)) for i, x in enumerate(leaves)]
+    out.append(jax.tree.unflatten(treedef, new))
+  return out
 
 
 def random_drop(
@@ -246,7 +245,7 @@ def random_drop(
   density = jnp.asarray(density, jnp.float32)
 
   def drop(x, uniform):
-    kept = jnp.where(uniform(x.shape) < density, x, 0.0)
+    kept = jnp.where(uniform < density, x, 0.0)
     if rescale == "inverse":
       return kept / density
     if rescale == "l1":
@@ -254,12 +253,7 @@ def random_drop(
       return kept * jnp.where(norm_out > 0, norm_in / jnp.where(norm_out > 0, norm_out, 1.0), 0.0)
     return kept
 
-  out = []
-  for _, treedef, leaves, uniforms in _leaf_uniforms(vectors, key):
-    out.append(
-      jax.tree.unflatten(treedef, [drop(x, u) for x, u in zip(leaves, uniforms, strict=True)])
-    )
-  return out
+  return _map_with_uniforms(vectors, key, drop)
 
 
 def _as_rows(x: jax.Array, scope: str) -> jax.Array:
@@ -339,12 +333,7 @@ def della_drop(
     rank = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=-1), axis=-1).astype(jnp.float32)
     spread = rank / max(m - 1, 1) * 2.0 - 1.0 if m > 1 else jnp.zeros_like(rank)
     p = jnp.clip(density + epsilon * spread, 1e-6, 1.0)
-    keep = uniform(rows.shape) < p
+    keep = uniform.reshape(rows.shape) < p
     return jnp.where(keep, rows / p, 0.0).reshape(x.shape)
 
-  out = []
-  for _, treedef, leaves, uniforms in _leaf_uniforms(vectors, key):
-    out.append(
-      jax.tree.unflatten(treedef, [drop(x, u) for x, u in zip(leaves, uniforms, strict=True)])
-    )
-  return out
+  return _map_with_uniforms(vectors, key, drop)
