@@ -5,10 +5,35 @@ r"""The built-in offline benchmark: 8 digit tasks, one pre-trained backbone, exp
   python launch/benchmark.py --config=configs/benchmark.py:vit --workdir=/tmp/bench_vit
 
 `arg` is a comma-separated list of switches: "smoke" (alias "runlocal") shrinks everything so the
-zoo builds in seconds (tests, notebook); "vit" swaps the MLP for the small ViT.
+zoo builds in seconds (tests, notebook); "vit" swaps the MLP for the small ViT; "nolearned" turns
+the learned methods (AdaMerging, aTLAS, DV-BASI) off. Three seeds, mean ± std:
+
+  bash launch/benchmark_seeds.sh            # seeds 0 1 2 into results/benchmark_seeds
 """
 
 import ml_collections
+
+from configs import (
+  adamerging,
+  adamerging_plus,
+  adamerging_taskwise,
+  atlas,
+  atlas_unsupervised,
+  dv_basi,
+  dv_basi_unsupervised,
+)
+
+# Learned methods, in table order: {name: configs module}. Their recipes are the papers' (see
+# each module); the benchmark only fills in the data and the seed.
+LEARNED_CONFIGS = {
+  "adamerging_taskwise": adamerging_taskwise,
+  "adamerging": adamerging,
+  "adamerging_plus": adamerging_plus,
+  "atlas": atlas,
+  "atlas_unsupervised": atlas_unsupervised,
+  "dv_basi": dv_basi,
+  "dv_basi_unsupervised": dv_basi_unsupervised,
+}
 
 # λ grids. Task arithmetic follows METHODS.md ({0, 0.05, ..., 1}); rules whose merged vector is a
 # mean over tasks (TIES's disjoint mean) need λ around 1 and get a wider grid.
@@ -19,9 +44,11 @@ _MEAN_SCALES = tuple(round(0.1 * i, 1) for i in range(1, 21))
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   """Returns the config; see the module docstring for `arg`."""
   switches = {s.strip() for s in arg.split(",") if s.strip()}
-  unknown = switches - {"smoke", "runlocal", "vit"}
+  unknown = switches - {"smoke", "runlocal", "vit", "nolearned"}
   if unknown:
-    raise ValueError(f"Unknown config switch(es) {sorted(unknown)}; use smoke, runlocal, vit.")
+    raise ValueError(
+      f"Unknown config switch(es) {sorted(unknown)}; use smoke, runlocal, vit, nolearned."
+    )
   smoke = bool(switches & {"smoke", "runlocal"})
   vit = "vit" in switches
 
@@ -113,5 +140,30 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.grids.dare_ties.density = (0.1, 0.2)
     config.grids.breadcrumbs.density = (0.15,)
     config.grids.breadcrumbs.gamma = (0.006,)
+
+  # Learned merging (mergejax.learned): every method on every mode's experts, head frozen and
+  # shared. Λ is adapted on the split each recipe names (test inputs for AdaMerging and DV-BASI
+  # unsupervised: transductive, marked † in the table) and selected on validation only.
+  config.learned = ml_collections.ConfigDict()
+  config.learned.enabled = "nolearned" not in switches
+  # Which methods run, in table order (keys of config.learned.methods).
+  config.learned.run = tuple(LEARNED_CONFIGS)
+  # Seed offsets: each learned method runs once per offset with seed config.seed + offset (batch
+  # order, DARE masks); with several, its row reports the mean and the std over them.
+  config.learned.seeds = (0,)
+  # Modes whose experts get learned rows; () = every mode in config.zoo.modes.
+  config.learned.modes = ()
+  # Method whose Λ heatmap and curves are plotted (DV-BASI's trajectory is plotted whenever
+  # "dv_basi" runs).
+  config.learned.plot_method = "adamerging"
+  # One full method config per learned method ("runlocal" recipes for the smoke run), so any
+  # field can be overridden from the command line, e.g.
+  # --config.learned.methods.adamerging.train.steps=100.
+  config.learned.methods = ml_collections.ConfigDict(
+    {
+      name: module.get_config("runlocal" if smoke else "")
+      for name, module in LEARNED_CONFIGS.items()
+    }
+  )
   config.plots = True
   return config
