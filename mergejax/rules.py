@@ -124,7 +124,8 @@ def ties_merging(
     reduce: "mean", "sum" or "max" (see `combine.disjoint_merge`).
     selection_method: "auto", "host" or "bisect" (see `selection.top_k_stats`).
     trim_stats: precomputed `sparsify.trim_stats_eager(base, experts, density, scope=...)`;
-      `merge` passes them on CPU, where selecting outside jit is ~3x faster.
+      `merge` passes them on CPU (TIES on 22M x 8 experts: 0.45 s, against 1.1-1.2 s with
+      the selection inside jit).
 
   Returns:
     Merged parameters.

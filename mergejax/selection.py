@@ -1,15 +1,20 @@
 """Exact k-th largest magnitude over many leaves, inside jit, on any backend.
 
-Magnitude top-k is the heart of TIES, Breadcrumbs and friends. Two exact implementations:
+Magnitude top-k is the heart of TIES, Breadcrumbs and friends. Three exact implementations:
 
-* "host": a `jax.pure_callback` to NumPy's introselect (`ndarray.partition`). On CPU this is
-  30-50x faster than XLA's sort/top_k at 22M entries (about 30 ms per 22M-entry vector).
+* "host": a `jax.pure_callback` to NumPy. A strided sample brackets the k-th magnitude, one pass
+  per leaf keeps the ~k candidates, introselect (`np.partition`) finishes them; a failed bracket
+  falls back to a partition of everything. Issue 2 measured XLA's sort/top_k on CPU 30-50x slower
+  than NumPy's partition at 22M entries. Inside jit the callback gets copies of its operands
+  (about 1 s for 8 ViT-sized experts), hence:
+* `top_k_stats_eager`: the same NumPy code on concrete arrays outside jit, reading the buffers in
+  place; `rules.merge` uses it on CPU.
 * "bisect": a bisection on the float32 bit pattern. For x >= 0 the int32 view of a float32 is
   monotone in x, so 31 counting passes pin down the exact bit pattern of the k-th largest value.
   Pure XLA (fused compare+sum), so it runs inside jit on GPU/TPU with no host round trip.
 
 "auto" picks "host" when lowering for CPU and "bisect" elsewhere (`lax.platform_dependent`).
-Both return the same value, bit for bit.
+All return the same threshold, bit for bit (tests).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A task vector is a pytree with the structure of the model, held in float32 (the compute dtype)
 whatever the storage dtype. Experts come as a list of pytrees, never stacked along a task axis:
-on CPU, summing per-expert leaves in a Python loop is ~30x faster than reducing a stacked axis, and
-XLA fuses the loop into one pass per leaf.
+on CPU, summing per-expert leaves in a Python loop is ~30x faster than reducing a stacked axis
+(issue 2's measurement), and XLA fuses the loop into one pass per leaf.
 """
 
 from __future__ import annotations
