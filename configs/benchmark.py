@@ -64,8 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.zoo.model = dict(patch_size=2, dim=64, depth=2, num_heads=4, mlp_dim=128, pool="gap")
   else:
     config.zoo.model = dict(width=512, depth=2)
-  # Tasks: keys of mergejax.data.TRANSFORMS. The backbone and the shared head are pre-trained on
-  # `pretrain_tasks`, so the pre-trained model is weak on every benchmark task.
+  # Tasks: keys of mergejax.benchmarks.digits.data.TRANSFORMS. The backbone and the shared head
+  # are pre-trained on `pretrain_tasks`, so the pre-trained model is weak on every benchmark task.
   config.zoo.tasks = (
     "rot90",
     "rot180",

@@ -33,7 +33,7 @@ import importlib
 
 import ml_collections
 
-from mergejax.hf.clip_pipeline import TASKS
+from mergejax.benchmarks.clip8.run import TASKS
 
 
 def _parse(arg: str) -> dict[str, str]:

@@ -32,11 +32,11 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from mergejax.benchmarks import synthetic  # noqa: E402
 from mergejax.learned import (
   coefficients,  # noqa: E402
   loop,  # noqa: E402
   objectives,  # noqa: E402
-  synthetic,  # noqa: E402
 )
 
 _IMPL = flags.DEFINE_enum("impl", None, ["fused", "straightforward"], "Child mode: run one.")

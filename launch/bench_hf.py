@@ -8,7 +8,7 @@ transformers + torch in the same process on the same inputs, repeats interleaved
   1. evaluation throughput (images/s): uint8 224x224 images -> normalize -> image encoder ->
      projection -> zero-shot logits (mergejax: jitted flax; torch: eval mode, no_grad);
   2. load time of 9 CLIPVisionModel checkpoints from safetensors (mergejax:
-     `convert.load_pretrained` into flax-layout numpy; transformers: `from_pretrained`).
+     `hf.load_pretrained` into flax-layout numpy; transformers: `from_pretrained`).
 Prints a Markdown table and writes workdir/bench_hf.json.
 """
 
@@ -27,7 +27,9 @@ from absl import app, flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mergejax import provenance  # noqa: E402
-from mergejax.hf import clip, clip_pipeline, convert  # noqa: E402
+from mergejax.benchmarks.clip8 import classifier  # noqa: E402
+from mergejax.io import hf  # noqa: E402
+from mergejax.models import clip  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_hf", "Checkpoints and results go here.")
 _SMALL = flags.DEFINE_bool("small", False, "Tiny model and few repeats (smoke run).")
@@ -93,7 +95,7 @@ def main(argv):
 
   # 1. Evaluation throughput on identical weights, inputs and head.
   module_cfg = clip.CLIPVisionConfig.from_dict(vcfg)
-  params, _ = convert.load_pretrained(dirs[0])
+  params, _ = hf.load_pretrained(dirs[0])
   head = rng.standard_normal((_CLASSES, 512)).astype(np.float32)
   head /= np.linalg.norm(head, axis=-1, keepdims=True)
   proj = (rng.standard_normal((vcfg["hidden_size"], 512)) / 30).astype(np.float32)
@@ -106,8 +108,8 @@ def main(argv):
     },
   }
   cparams = jax.device_put(cparams)
-  classifier = clip_pipeline.ZeroShotClassifier(module_cfg, _CLASSES, 512)
-  jax_step = jax.jit(classifier.apply)
+  zero_shot = classifier.ZeroShotClassifier(module_cfg, _CLASSES, 512)
+  jax_step = jax.jit(zero_shot.apply)
   size = vcfg["image_size"]
   images = rng.integers(0, 256, (_BATCH.value, size, size, 3), dtype=np.uint8)
 
@@ -133,10 +135,10 @@ def main(argv):
 
   # 2. Loading all checkpoints (warm page cache for both).
   def load_mergejax():  # Device arrays in flax layout, ready to merge.
-    return jax.block_until_ready([convert.load_pretrained(d)[0] for d in dirs])
+    return jax.block_until_ready([hf.load_pretrained(d)[0] for d in dirs])
 
   def load_mergejax_lazy():  # Memory-mapped numpy views (read on first use).
-    return [convert.load_pretrained(d, lazy=True)[0] for d in dirs]
+    return [hf.load_pretrained(d, lazy=True)[0] for d in dirs]
 
   def load_torch():
     return [transformers.CLIPVisionModel.from_pretrained(d) for d in dirs]

@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Run from a checkout, uninstalled.
 
-from mergejax import benchmark  # noqa: E402
+from mergejax.benchmarks.digits import run as benchmark  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to configs/benchmark.py (optionally :smoke or :vit).", lock_config=True

@@ -5,7 +5,7 @@ r"""Merges CLIP image encoders with any rule and evaluates them on the 8-task be
       --config.pool.experts_dir=/ckpt/clip-vit-base-patch32_{task} \
       --config.data.root_dir=/data/{task} --workdir=/tmp/clip8_ties
 
-Writes workdir/results.md, results.json and merged/ (see mergejax/hf/clip_pipeline.py).
+Writes workdir/results.md, results.json and merged/ (see mergejax/benchmarks/clip8/).
 """
 
 import sys
@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports configs.<rule>.
 
-from mergejax.hf import clip_pipeline  # noqa: E402
+from mergejax.benchmarks.clip8 import run as clip8_run  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to configs/clip_8task.py[:rule=<name>,...].", lock_config=True
@@ -27,7 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  record = clip_pipeline.merge_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  record = clip8_run.merge_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info("Done in %.1f s.", record["wall_time_s"])
   print(record["table"])
 

@@ -17,7 +17,7 @@ shared by every expert, like CLIP's zero-shot text head.
 """
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -27,9 +27,8 @@ import numpy as np
 import optax
 import tqdm
 
-from mergejax.data import Split
+from mergejax.tree import Params
 
-Params = Any
 MODES = ("standard", "sam", "asam", "linearized")
 
 
@@ -195,18 +194,6 @@ def make_train_step(
   return step
 
 
-def concat_splits(splits: Sequence[Split]) -> Split:
-  """Concatenates splits into one (a task mixture).
-
-  Args:
-    splits: splits of one or more tasks.
-
-  Returns:
-    One `Split` holding all their examples, in order.
-  """
-  return Split(x=np.concatenate([s.x for s in splits]), y=np.concatenate([s.y for s in splits]))
-
-
 @functools.lru_cache(maxsize=32)
 def _jitted_chunk(
   model: nn.Module, cfg: TrainConfig, mode: str, train_head: bool
@@ -231,7 +218,7 @@ def _jitted_chunk(
 def train(
   model: nn.Module,
   params: Params,
-  data: Split,
+  data: Any,
   cfg: TrainConfig,
   *,
   mode: str = "standard",
@@ -248,7 +235,8 @@ def train(
   Args:
     model: flax module with params {"backbone", "head"}.
     params: initial {"backbone", "head"}.
-    data: training examples (one task or a mixture).
+    data: training examples (one task or a mixture): arrays `.x` [n, ...] and `.y` [n], e.g. a
+      `mergejax.benchmarks.common.data.Split`.
     cfg: optimization settings.
     mode: one of MODES.
     train_head: train the head too (pre-training); fine-tuning keeps it frozen.

@@ -11,7 +11,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from mergejax import checkpoint, provenance, rules
+from mergejax import provenance, rules
+from mergejax.io import checkpoint
 
 
 def _patterns(value: str | None) -> list[str] | None:

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import benchmark as benchmark_config
-from mergejax import benchmark, plots
+from mergejax.benchmarks.common import plots
+from mergejax.benchmarks.digits import run as benchmark
 
 
 def test_smoke_run(tmp_path):

@@ -20,7 +20,12 @@ pytest.importorskip("tokenizers")
 from PIL import Image  # noqa: E402
 
 from configs import clip_8task  # noqa: E402
-from mergejax.hf import clip, clip_pipeline, convert  # noqa: E402
+from mergejax.benchmarks.clip8 import classifier as clip8_classifier  # noqa: E402
+from mergejax.benchmarks.clip8 import data as clip8_data  # noqa: E402
+from mergejax.benchmarks.clip8 import pool as clip8_pool  # noqa: E402
+from mergejax.benchmarks.clip8 import run as clip8_run  # noqa: E402
+from mergejax.io import hf  # noqa: E402
+from mergejax.models import clip, pretrained  # noqa: E402
 
 _TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
 _TASKS = {  # task -> (class folder names, image size (w, h), mode)
@@ -35,7 +40,7 @@ def _write_tokenizer(directory: pathlib.Path) -> tuple[int, int]:
 
   words = set()
   for task, (classes, _, _) in _TASKS.items():
-    for template in clip_pipeline.TEMPLATES[task]:
+    for template in clip8_classifier.TEMPLATES[task]:
       words.update(template.format(" ".join(classes)).lower().replace('"', ' " ').split())
   words.update(["annual", "crop", "land", "lake", "or", "sea", ".", ":", "!"])
   vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3}
@@ -79,7 +84,7 @@ def setup(tmp_path_factory):
   params = jax.jit(module.init)(
     jax.random.key(0), jnp.zeros([1, 24], jnp.int32), jnp.zeros([1, 32, 32, 3])
   )["params"]
-  convert.save_pretrained(pretrained, params, config)
+  hf.save_pretrained(pretrained, params, config)
 
   # Experts: the pre-trained image encoder perturbed per task, saved as CLIPVisionModel files
   # with the "vision_model." prefix of FusionBench's (transformers 4) checkpoints.
@@ -88,7 +93,7 @@ def setup(tmp_path_factory):
     expert = jax.tree.map(
       lambda a: a + 0.05 * rng.standard_normal(a.shape).astype(np.float32), params["vision_model"]
     )
-    convert.save_pretrained(root / f"expert_{task}", {"vision_model": expert}, vision_config)
+    hf.save_pretrained(root / f"expert_{task}", {"vision_model": expert}, vision_config)
 
   # Image folders root/<task>/test/<class>/<i>.png, class-dependent brightness, varied sizes.
   for task, (classes, size, mode) in _TASKS.items():
@@ -117,7 +122,7 @@ def _config(root, rule="task_arithmetic"):
 def test_pipeline_end_to_end(setup, tmp_path):
   config = _config(setup)
   config.rule.scale = 0.5
-  record = clip_pipeline.merge_and_evaluate(config, tmp_path)
+  record = clip8_run.merge_and_evaluate(config, tmp_path)
 
   # Results table: every row, every task, valid accuracies; files written.
   rows = record["results"]
@@ -130,9 +135,9 @@ def test_pipeline_end_to_end(setup, tmp_path):
   assert json.loads((tmp_path / "results.json").read_text())["results"] == rows
 
   # The export is θ0 + 0.5 Σ τt of the expert files, under the experts' own (prefixed) names.
-  base = convert.read_state_dict(setup / "pretrained")
-  experts = [convert.read_state_dict(setup / f"expert_{t}") for t in _TASKS]
-  merged = convert.read_state_dict(tmp_path / "merged")
+  base = hf.read_state_dict(setup / "pretrained")
+  experts = [hf.read_state_dict(setup / f"expert_{t}") for t in _TASKS]
+  merged = hf.read_state_dict(tmp_path / "merged")
   assert set(merged) == set(experts[0])
   for name, value in merged.items():
     b = base[name]
@@ -147,24 +152,24 @@ def test_pipeline_end_to_end(setup, tmp_path):
   assert len(list(cache.glob("head_*.npy"))) == len(_TASKS)
   assert len(list(cache.glob("data_*/images.npy"))) == len(_TASKS)
   config.eval_baselines = False
-  again = clip_pipeline.merge_and_evaluate(config, tmp_path)
+  again = clip8_run.merge_and_evaluate(config, tmp_path)
   assert again["results"]["task_arithmetic scale=0.5"] == rows["task_arithmetic scale=0.5"]
 
 
 def test_evaluation_matches_direct_clip_forward(setup, tmp_path):
   # Accuracy from the jitted, padded, batched classifier == CLIPModel's own image-text logits.
-  pool = clip_pipeline.load_pool(
+  pool = clip8_pool.load_pool(
     str(setup / "pretrained"), {t: str(setup / f"expert_{t}") for t in _TASKS}
   )
-  data = clip_pipeline.load_task_data(setup / "data" / "eurosat", "test", image_size=32)
+  data = clip8_data.load_task_data(setup / "data" / "eurosat", "test", image_size=32)
   assert data.classnames == ["annual crop land", "lake or sea"]  # classnames.txt wins.
-  templates = clip_pipeline.TEMPLATES["eurosat"]
-  head = clip_pipeline.zero_shot_head(pool, data.classnames, templates, cache_dir=tmp_path)
+  templates = clip8_classifier.TEMPLATES["eurosat"]
+  head = clip8_classifier.zero_shot_head(pool, data.classnames, templates, cache_dir=tmp_path)
   assert np.array_equal(head, np.load(next(tmp_path.glob("head_*.npy"))))
 
   model = clip.CLIPModel(pool.clip_config)
-  tokenizer = convert.load_tokenizer(setup / "pretrained")
-  ids, mask = convert.encode(tokenizer, [t.format(c) for c in data.classnames for t in templates])
+  tokenizer = hf.load_tokenizer(setup / "pretrained")
+  ids, mask = hf.encode(tokenizer, [t.format(c) for c in data.classnames for t in templates])
   apply = lambda method: jax.jit(functools.partial(model.apply, method=method))
   txt = np.asarray(
     apply(clip.CLIPModel.get_text_features)({"params": pool.clip_params}, ids, mask)
@@ -179,14 +184,14 @@ def test_evaluation_matches_direct_clip_forward(setup, tmp_path):
   img = img / np.linalg.norm(img, axis=-1, keepdims=True)
   direct_logits = np.exp(float(pool.clip_params["logit_scale"])) * img @ head.T
   direct = np.mean(np.argmax(direct_logits, -1) == data.labels)
-  classifier = clip_pipeline.ZeroShotClassifier(pool.clip_config.vision_config, 2, 8)
-  params = clip_pipeline.classifier_params(pool, clip.vision_tower(pool.clip_params), head)
+  classifier = clip8_classifier.ZeroShotClassifier(pool.clip_config.vision_config, 2, 8)
+  params = clip8_classifier.classifier_params(pool, clip.vision_tower(pool.clip_params), head)
   logits = jax.jit(classifier.apply)({"params": params}, data.images)
   np.testing.assert_allclose(logits, direct_logits, rtol=1e-5, atol=1e-5)
-  assert clip_pipeline.evaluate(classifier, params, data, batch_size=4) == pytest.approx(direct)
+  assert clip8_classifier.evaluate(classifier, params, data, batch_size=4) == pytest.approx(direct)
   # bf16 evaluation runs and agrees on these easy inputs up to a few flips.
-  bf16 = clip_pipeline.ZeroShotClassifier(pool.clip_config.vision_config, 2, 8, jnp.bfloat16)
-  assert abs(clip_pipeline.evaluate(bf16, params, data, batch_size=4) - direct) <= 0.2
+  bf16 = clip8_classifier.ZeroShotClassifier(pool.clip_config.vision_config, 2, 8, jnp.bfloat16)
+  assert abs(clip8_classifier.evaluate(bf16, params, data, batch_size=4) - direct) <= 0.2
 
 
 def test_preprocessing_and_export_match_transformers(setup, tmp_path):
@@ -199,18 +204,18 @@ def test_preprocessing_and_export_match_transformers(setup, tmp_path):
   for shape in [(40, 30, 3), (30, 47, 3), (28, 28)]:
     image = Image.fromarray(rng.randint(0, 255, shape).astype(np.uint8))
     ref = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-    mine = clip.normalize_pixels(clip_pipeline.resize_and_crop(image, 32)[None])[0]
+    mine = clip.normalize_pixels(clip8_data.resize_and_crop(image, 32)[None])[0]
     np.testing.assert_allclose(mine, ref, atol=1e-5)
 
   config = _config(setup, rule="ties")
   config.eval_baselines = False
   config.data.max_examples = 4
-  clip_pipeline.merge_and_evaluate(config, tmp_path)
+  clip8_run.merge_and_evaluate(config, tmp_path)
   model, info = transformers.CLIPVisionModel.from_pretrained(
     tmp_path / "merged", output_loading_info=True
   )
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-  _, flax_params = convert.load_flax_model(tmp_path / "merged")
+  _, flax_params = pretrained.load_flax_model(tmp_path / "merged")
   expected = np.asarray(flax_params["post_layernorm"]["scale"])
   np.testing.assert_array_equal(model.post_layernorm.weight.detach().numpy(), expected)
 
@@ -235,8 +240,8 @@ def test_saved_hf_dataset_loads_like_the_image_folder(setup, tmp_path):
   )
   datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dtd"))
 
-  from_hf = clip_pipeline.load_task_data(tmp_path / "dtd", "test", image_size=32)
-  from_folder = clip_pipeline.load_task_data(setup / "data" / "dtd", "test", image_size=32)
+  from_hf = clip8_data.load_task_data(tmp_path / "dtd", "test", image_size=32)
+  from_folder = clip8_data.load_task_data(setup / "data" / "dtd", "test", image_size=32)
   assert from_hf.classnames == classes
   np.testing.assert_array_equal(from_hf.labels, from_folder.labels)
   np.testing.assert_array_equal(from_hf.images, from_folder.images)

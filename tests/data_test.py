@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mergejax.data import digits
+from mergejax.benchmarks.digits import data as digits
 
 
 def test_split_sizes_partition_all_images():

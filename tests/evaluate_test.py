@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import evaluate, provenance
-from mergejax.data import Split
+from mergejax import provenance
+from mergejax.benchmarks.common import evaluate
+from mergejax.benchmarks.common.data import Split, stack_splits
 
 
 def test_normalized_accuracy_and_summary():
@@ -38,10 +39,10 @@ def test_accuracy_fn_matches_numpy():
 def test_stack_splits_requires_equal_sizes():
   a = Split(x=np.zeros((3, 2)), y=np.zeros(3, np.int32))
   b = Split(x=np.ones((3, 2)), y=np.ones(3, np.int32))
-  x, y = evaluate.stack_splits([a, b])
+  x, y = stack_splits([a, b])
   assert x.shape == (2, 3, 2) and y.shape == (2, 3)
   with pytest.raises(ValueError):
-    evaluate.stack_splits([a, Split(x=np.zeros((2, 2)), y=np.zeros(2, np.int32))])
+    stack_splits([a, Split(x=np.zeros((2, 2)), y=np.zeros(2, np.int32))])
 
 
 def test_results_files(tmp_path):

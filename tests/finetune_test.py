@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from mergejax import finetune, models
-from mergejax.data import Split
+from mergejax.benchmarks.common.data import Split
 
 
 def _setup(seed=0, n=64):

@@ -1,4 +1,4 @@
-"""Parity of mergejax.hf.bert with transformers' BERT, and checkpoint round trips (tiny, local)."""
+"""Parity of mergejax.models.bert with transformers' BERT, checkpoint round trips (tiny, local)."""
 
 import jax
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mergejax.hf import bert, convert  # noqa: E402
+from mergejax.io import hf  # noqa: E402
+from mergejax.models import bert, pretrained  # noqa: E402
 
 _CONFIG = dict(
   vocab_size=50,
@@ -35,7 +36,7 @@ def test_bert_model_matches_transformers(tmp_path, hidden_act):
   cfg = transformers.BertConfig(**_CONFIG, hidden_act=hidden_act)
   model = transformers.BertModel(cfg).eval()
   model.save_pretrained(tmp_path)
-  module, params = convert.load_flax_model(tmp_path)
+  module, params = pretrained.load_flax_model(tmp_path)
   assert module.add_pooling_layer
   ids, mask, token_types = _inputs()
   with torch.no_grad():
@@ -68,13 +69,13 @@ def test_sequence_classifier_round_trip(tmp_path):
   cfg = transformers.BertConfig(**_CONFIG, num_labels=3)
   model = transformers.BertForSequenceClassification(cfg).eval()
   model.save_pretrained(tmp_path / "src")
-  params, config = convert.load_pretrained(tmp_path / "src")
+  params, config = hf.load_pretrained(tmp_path / "src")
   assert set(params) == {"bert", "classifier"}
   assert params["classifier"]["kernel"].shape == (32, 3)
 
   # A merged-looking edit of the encoder only; the export must load into transformers unchanged.
   params["bert"] = jax.tree.map(lambda a: a + 0.01, params["bert"])
-  convert.save_pretrained(tmp_path / "out", params, config)
+  hf.save_pretrained(tmp_path / "out", params, config)
   reloaded, info = transformers.BertForSequenceClassification.from_pretrained(
     tmp_path / "out", output_loading_info=True
   )
@@ -99,6 +100,6 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
   model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
   assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
   assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
-  single, _ = convert.load_pretrained(tmp_path / "single")
-  sharded, _ = convert.load_pretrained(tmp_path / "sharded")
+  single, _ = hf.load_pretrained(tmp_path / "single")
+  sharded, _ = hf.load_pretrained(tmp_path / "sharded")
   jax.tree.map(np.testing.assert_array_equal, sharded, single)

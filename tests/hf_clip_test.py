@@ -1,4 +1,4 @@
-"""Parity of mergejax.hf.clip with transformers' CLIP, and checkpoint round trips.
+"""Parity of mergejax.models.clip with transformers' CLIP, and checkpoint round trips.
 
 Tiny random models are built with transformers + CPU torch (test-only dependencies) and saved
 locally; nothing is downloaded.
@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mergejax.hf import clip, convert  # noqa: E402
+from mergejax.io import hf, safetensors  # noqa: E402
+from mergejax.models import clip, pretrained  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -61,7 +62,7 @@ def _inputs():
 
 def test_clip_model_matches_transformers(clip_dir):
   path, model = clip_dir
-  module, params = convert.load_flax_model(path)
+  module, params = pretrained.load_flax_model(path)
   pixels, ids, mask = _inputs()
   with torch.no_grad():
     ref = model(
@@ -82,7 +83,7 @@ def test_clip_model_matches_transformers(clip_dir):
 
 def test_loaded_tree_matches_flax_init(clip_dir):
   path, _ = clip_dir
-  module, params = convert.load_flax_model(path)
+  module, params = pretrained.load_flax_model(path)
   pixels, ids, _ = _inputs()
   # eval_shape: flax's init traced abstractly, so nothing is compiled.
   init = jax.eval_shape(module.init, jax.random.key(0), ids, pixels.transpose(0, 2, 3, 1))
@@ -97,7 +98,7 @@ def test_legacy_eos_token_id_two_pools_at_largest_id(tmp_path):
   cfg = transformers.CLIPTextConfig(**dict(_TEXT, eos_token_id=2, bos_token_id=1))
   model = transformers.CLIPTextModel(cfg).eval()
   model.save_pretrained(tmp_path)
-  module, params = convert.load_flax_model(tmp_path)
+  module, params = pretrained.load_flax_model(tmp_path)
   _, ids, _ = _inputs()
   with torch.no_grad():
     ref = model(input_ids=torch.tensor(ids)).pooler_output.numpy()
@@ -112,18 +113,18 @@ def test_vision_model_round_trip(tmp_path, legacy_prefix):
   src = tmp_path / "src"
   model.save_pretrained(src)
   if legacy_prefix:  # FusionBench-era files (transformers 4) prefix names with "vision_model.".
-    sd = convert.read_safetensors(src / "model.safetensors")
-    convert.write_safetensors(
+    sd = safetensors.read_safetensors(src / "model.safetensors")
+    safetensors.write_safetensors(
       src / "model.safetensors", {"vision_model." + k: v for k, v in sd.items()}
     )
-  original_names = set(convert.read_state_dict(src))
-  params, config = convert.load_pretrained(src)
+  original_names = set(hf.read_state_dict(src))
+  params, config = hf.load_pretrained(src)
   assert ("vision_model" in params) == legacy_prefix
 
   # Perturb, export, reload with transformers: names identical, outputs follow the new weights.
   params = jax.tree.map(lambda a: a * 1.01, params)
-  out = convert.save_pretrained(tmp_path / "out", params, config)
-  assert set(convert.read_state_dict(out)) == original_names
+  out = hf.save_pretrained(tmp_path / "out", params, config)
+  assert set(hf.read_state_dict(out)) == original_names
   reloaded, info = transformers.CLIPVisionModel.from_pretrained(out, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
   pixels, _, _ = _inputs()
@@ -138,22 +139,22 @@ def test_vision_model_round_trip(tmp_path, legacy_prefix):
 
 def test_export_is_lossless_and_bf16_export_loads(clip_dir, tmp_path):
   path, model = clip_dir
-  params, config = convert.load_pretrained(path)
+  params, config = hf.load_pretrained(path)
   # fp32 export reproduces every tensor bit for bit under its original name.
-  convert.save_pretrained(tmp_path / "fp32", params, config)
-  written = convert.read_state_dict(tmp_path / "fp32")
-  original = {k: v for k, v in convert.read_state_dict(path).items() if "position_ids" not in k}
+  hf.save_pretrained(tmp_path / "fp32", params, config)
+  written = hf.read_state_dict(tmp_path / "fp32")
+  original = {k: v for k, v in hf.read_state_dict(path).items() if "position_ids" not in k}
   assert set(written) == set(original)
   for k, v in original.items():
     np.testing.assert_array_equal(written[k], v, err_msg=k)
   _, info = transformers.CLIPModel.from_pretrained(tmp_path / "fp32", output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
-  convert.save_pretrained(tmp_path / "bf16", params, config, dtype=ml_dtypes.bfloat16)
+  hf.save_pretrained(tmp_path / "bf16", params, config, dtype=ml_dtypes.bfloat16)
   assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
   reloaded = transformers.CLIPModel.from_pretrained(tmp_path / "bf16")
   assert reloaded.text_projection.weight.dtype == torch.bfloat16
-  bf16_params, _ = convert.load_pretrained(tmp_path / "bf16", dtype=None)
+  bf16_params, _ = hf.load_pretrained(tmp_path / "bf16", dtype=None)
   assert bf16_params["text_projection"]["kernel"].dtype == ml_dtypes.bfloat16
   np.testing.assert_allclose(
     bf16_params["text_projection"]["kernel"].astype(np.float32),
@@ -164,10 +165,10 @@ def test_export_is_lossless_and_bf16_export_loads(clip_dir, tmp_path):
   (tmp_path / "bin").mkdir()
   torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
   (tmp_path / "bin" / "config.json").write_text(json.dumps(config))
-  from_bin, _ = convert.load_pretrained(tmp_path / "bin")
+  from_bin, _ = hf.load_pretrained(tmp_path / "bin")
   jax.tree.map(np.testing.assert_array_equal, from_bin, params)
 
 
 def test_missing_weights_raise(tmp_path):
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
-    convert.read_state_dict(tmp_path)
+    hf.read_state_dict(tmp_path)

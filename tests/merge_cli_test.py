@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import checkpoint, rules, run
+from mergejax import rules, run
+from mergejax.io import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The merge configs: every configs/*.py built on configs/default.py's `with_rule`.

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from configs import benchmark as benchmark_config
-from mergejax import zoo as zoo_lib
+from mergejax.benchmarks.digits import zoo as zoo_lib
 
 
 def _zoo_config(**overrides):

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from mergejax import checkpoint
+from mergejax.io import checkpoint
 from mergejax.learned import coefficients as coefficients_lib
 from mergejax.learned import mgda, objectives
 

@@ -385,10 +385,8 @@ def learn_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
   Returns:
     The results dict written to results.json.
   """
-  from mergejax.learned import (
-    plots,  # noqa: PLC0415  (matplotlib only when reporting)
-    synthetic,  # noqa: PLC0415
-  )
+  from mergejax.benchmarks import synthetic  # noqa: PLC0415
+  from mergejax.benchmarks.common import learned_plots as plots  # noqa: PLC0415 (matplotlib)
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

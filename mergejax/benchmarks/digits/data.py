@@ -14,10 +14,11 @@ One split of the *image indices* (fixed seed) is shared by all tasks, so no test
 any transformation, by pre-training, fine-tuning or hyper-parameter selection.
 """
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from mergejax.benchmarks.common.data import Split, TaskData
 
 IMAGE_SIZE = 8
 NUM_CLASSES = 10
@@ -46,27 +47,6 @@ TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
   "permute": _permute,
   "shift": lambda x: np.roll(x, (2, 2), axis=(1, 2)),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-  """One task's split: images `x` [n, 8, 8] float32 in [0, 1] and labels `y` [n] int32."""
-
-  x: np.ndarray
-  y: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.y)
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskData:
-  """The train / validation / test splits of one task."""
-
-  name: str
-  train: Split
-  val: Split
-  test: Split
 
 
 def load_images() -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Flax linen port of the Hugging Face BERT encoder (BertModel), names as in transformers.
 
 `encoder/layer_0/attention/self/query/kernel` is `encoder.layer.0.attention.self.query.weight`
-transposed; `mergejax.hf.convert` does the mapping. Checkpoints of task models
+transposed; `mergejax.io.names` does the mapping. Checkpoints of task models
 (BertForSequenceClassification) hold this tree under "bert" beside their "classifier".
 
 >>> import jax, jax.numpy as jnp
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mergejax.hf import layers
+from mergejax.models import layers
 
 Params = Any
 

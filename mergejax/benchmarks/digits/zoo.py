@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from mergejax import checkpoint, finetune, models, provenance
-from mergejax.data import TaskData, make_tasks
+from mergejax import finetune, models, provenance
+from mergejax.benchmarks.common.data import TaskData, concat_splits
+from mergejax.benchmarks.digits.data import make_tasks
+from mergejax.io import checkpoint
 
 Params = Any
 _META = "zoo.json"
@@ -129,7 +131,7 @@ def build_zoo(
   start = time.time()
   sample = data[tasks[0]].train.x[:1]
   init = model.init(jax.random.key(seed), jnp.asarray(sample))["params"]
-  mixture = finetune.concat_splits([data[n].train for n in zoo_config.pretrain_tasks])
+  mixture = concat_splits([data[n].train for n in zoo_config.pretrain_tasks])
   pretrained, _ = finetune.train(
     model,
     init,
@@ -158,7 +160,7 @@ def build_zoo(
 
   # 3. Multi-task reference: one backbone on the union of the tasks' training data.
   start = time.time()
-  union = finetune.concat_splits([data[n].train for n in tasks])
+  union = concat_splits([data[n].train for n in tasks])
   multitask, _ = finetune.train(
     model,
     pretrained,

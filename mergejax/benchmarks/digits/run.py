@@ -25,9 +25,11 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from mergejax import evaluate, finetune, plots, provenance, rules
+from mergejax import finetune, provenance, rules
 from mergejax import task_vectors as tv_lib
-from mergejax import zoo as zoo_lib
+from mergejax.benchmarks.common import evaluate, plots
+from mergejax.benchmarks.common.data import stack_splits
+from mergejax.benchmarks.digits import zoo as zoo_lib
 from mergejax.learned import methods as learned_methods
 
 Params = Any
@@ -126,8 +128,8 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
   model = zoo_lib.build_model(config.zoo)
   tasks = zoo.tasks
   head, base = zoo.pretrained["head"], zoo.pretrained["backbone"]
-  val = evaluate.stack_splits([data[t].val for t in tasks])
-  test = evaluate.stack_splits([data[t].test for t in tasks])
+  val = stack_splits([data[t].val for t in tasks])
+  test = stack_splits([data[t].test for t in tasks])
   # One jitted accuracy function per forward pass; linearized experts (and their merges) are
   # evaluated with the Taylor model around the pre-trained backbone.
   acc_fns = {
@@ -367,8 +369,8 @@ def _learned_rows(config, model, zoo, data, mode, accuracy, expert_val, expert_t
     return [{"x": getattr(data[t], name).x, "y": getattr(data[t], name).y} for t in tasks]
 
   splits = {"train": split("train"), "validation": split("val"), "test": split("test")}
-  val = evaluate.stack_splits([data[t].val for t in tasks])
-  test = evaluate.stack_splits([data[t].test for t in tasks])
+  val = stack_splits([data[t].val for t in tasks])
+  test = stack_splits([data[t].test for t in tasks])
   rows, results, recipes, timing = [], {}, {}, {}
   for name in tqdm.tqdm(config.learned.run, desc=f"learned merging ({mode})", leave=False):
     start = time.time()
@@ -443,7 +445,7 @@ def _learned_summary(results) -> dict[str, Any]:
 
 def _plot_learned(config, results, tasks, workdir) -> dict[str, str]:
   """Λ heatmap, loss/validation curves and DV-BASI's trajectory for the first learned mode."""
-  from mergejax.learned import plots as learned_plots  # noqa: PLC0415  (matplotlib)
+  from mergejax.benchmarks.common import learned_plots  # noqa: PLC0415  (matplotlib)
 
   mode = next(iter(results))
   by_name, paths = results[mode], {}

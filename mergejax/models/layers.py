@@ -1,6 +1,6 @@
 """Pieces shared by the flax ports of Hugging Face transformers (CLIP, BERT).
 
-Module and parameter names follow the PyTorch names, so that `mergejax.hf.convert` maps a checkpoint
+Module and parameter names follow the PyTorch names, so that `mergejax.io.names` maps a checkpoint
 to these pytrees by one generic rule ("layers.0.fc1.weight" -> layers_0/fc1/kernel, transposed).
 """
 

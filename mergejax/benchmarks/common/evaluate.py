@@ -14,24 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.data import Split
-
-Params = Any
-
-
-def stack_splits(splits: Sequence[Split]) -> tuple[np.ndarray, np.ndarray]:
-  """Stacks equally sized splits of several tasks.
-
-  Args:
-    splits: one split per task, all with the same number of examples.
-
-  Returns:
-    (x [T, n, ...], y [T, n]).
-  """
-  sizes = {len(s) for s in splits}
-  if len(sizes) != 1:
-    raise ValueError(f"Splits must have one size to be stacked, got {sorted(sizes)}.")
-  return np.stack([s.x for s in splits]), np.stack([s.y for s in splits])
+from mergejax.tree import Params
 
 
 def make_accuracy_fn(

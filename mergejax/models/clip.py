@@ -1,6 +1,6 @@
 """Flax linen port of Hugging Face CLIP (vision and text towers, projections, logit scale).
 
-Parameter pytrees mirror the transformers state dict one to one (see `mergejax.hf.convert`):
+Parameter pytrees mirror the transformers state dict one to one (see `mergejax.io.names`):
 `vision_model/encoder/layers_0/self_attn/q_proj/kernel` is `vision_model.encoder.layers.0.
 self_attn.q_proj.weight` transposed. Images are NHWC (transformers takes NCHW).
 
@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mergejax.hf import layers
+from mergejax.models import layers
 
 Params = Any
 
@@ -314,7 +314,7 @@ def vision_tower(params: Params) -> Params:
   "vision_model" beside the text tower. All three give the same subtree here.
 
   Args:
-    params: parameters as loaded by `mergejax.hf.convert`.
+    params: parameters as loaded by `mergejax.io.names`.
 
   Returns:
     The `CLIPVisionTransformer` parameters.

@@ -7,26 +7,13 @@ Used by the tests, launch/bench_adamerging.py and launch/learn_merge.py (config.
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Params = Any
-
-
-class Backbone(nn.Module):
-  """MLP feature extractor: `depth` Dense+gelu layers of width `hidden`."""
-
-  hidden: int = 64
-  depth: int = 2
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.depth):
-      x = nn.gelu(nn.Dense(self.hidden, name=f"dense_{i}")(x))
-    return x
+from mergejax.models.mlp import MLPBackbone
+from mergejax.tree import Params
 
 
 class Problem(NamedTuple):
@@ -83,7 +70,7 @@ def make_problem(
   """
   key = jax.random.key(seed)
   k_init, k_tv, k_head, k_data = jax.random.split(key, 4)
-  model = Backbone(hidden=hidden, depth=depth)
+  model = MLPBackbone(width=hidden, depth=depth)
   base = model.init(k_init, jnp.zeros((1, in_dim)))["params"]
 
   def task_vector(k):

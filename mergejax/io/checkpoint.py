@@ -1,30 +1,26 @@
 """Parameter pytrees on disk: orbax checkpoints and safetensors files (the one module using orbax).
 
-Every write is atomic: the data goes to a temporary sibling first and is renamed into place once
-complete, so a crash never leaves a half-written checkpoint where a good one stood.
+Every write is atomic (`mergejax.io.atomic`): the data goes to a temporary sibling first and is
+renamed into place once complete, so a crash never leaves a half-written checkpoint where a good
+one stood.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors import numpy as st_numpy
 
 from mergejax import tree as tree_lib
+from mergejax.io import atomic, safetensors
 from mergejax.tree import Params
 
 SAFETENSORS_SEP = "."  # Flat names "a.b.c" <-> nested {"a": {"b": {"c": ...}}}.
-
-
-def _tmp_sibling(path: Path, tag: str) -> Path:
-  return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
 
 
 # ------------------------------------------------------------------------------ safetensors
@@ -66,24 +62,15 @@ def save_safetensors(path: str | os.PathLike, params: Params, metadata: dict | N
     params: nested dict of arrays (any dtype safetensors supports, bfloat16 included).
     metadata: optional str -> str metadata stored in the header.
   """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_sibling(path, "tmp")
   _check_array_leaves(params)
-  try:
-    st_numpy.save_file(to_flat_names(params), str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  safetensors.write_safetensors(path, to_flat_names(params), metadata)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
-  """Reads a safetensors file into a nested dict of numpy arrays."""
+  """Reads a safetensors file into a nested dict of read-only numpy views of a memory map."""
   path = Path(path)
   _require_exists(path)
-  return from_flat_names(st_numpy.load_file(str(path)))
+  return from_flat_names(safetensors.read_safetensors(path))
 
 
 # ------------------------------------------------------------------------------ orbax
@@ -97,23 +84,17 @@ def save_pytree(path: str | os.PathLike, tree: Any) -> None:
     path: destination directory.
     tree: pytree of arrays (nested dicts, NamedTuples, ...).
   """
-  path = Path(path).absolute()
   _check_array_leaves(tree)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_sibling(path, "tmp")
-  old = _tmp_sibling(path, "old")
-  try:
-    # The synchronous checkpointer: once save() returns or raises, no thread writes any more, so
-    # the clean-up below cannot race a background write.
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-      ckptr.save(tmp, args=ocp.args.StandardSave(tree))
-    if path.exists():
-      os.replace(path, old)
-    os.replace(tmp, path)
-  finally:
-    # Orbax stages its own writes in "<tmp>.orbax-checkpoint-tmp*": clear those too on failure.
-    for leftover in [old, *path.parent.glob(f"{tmp.name}*")]:
-      shutil.rmtree(leftover, ignore_errors=True)
+  with atomic.atomic_dir(path) as tmp:
+    try:
+      # The synchronous checkpointer: once save() returns or raises, no thread writes any more,
+      # so the clean-up cannot race a background write.
+      with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(tmp, args=ocp.args.StandardSave(tree))
+    finally:
+      # Orbax stages its own writes in "<tmp>.orbax-checkpoint-tmp*": clear those too on failure.
+      for leftover in tmp.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _check_array_leaves(tree: Any) -> None:
@@ -245,7 +226,9 @@ def _require_exists(path: Path) -> None:
   if path.exists():
     return
   leftovers = (
-    sorted(p.name for p in path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
+    sorted(p.name for p in path.parent.glob(f"{atomic.TMP_PREFIX}{path.name}-old-*"))
+    if path.parent.exists()
+    else []
   )
   hint = (
     f" An interrupted write left {leftovers}: rename it to {path.name!r} to recover."

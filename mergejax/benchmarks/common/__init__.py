@@ -1,0 +1,1 @@
+"""What every benchmark shares: labeled splits, evaluation, result tables, plots."""
