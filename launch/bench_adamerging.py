@@ -17,7 +17,6 @@ ratio, peak RSS above the post-setup baseline, and for the fused step XLA's own 
 """
 
 import json
-import pathlib
 import resource
 import statistics
 import subprocess
@@ -30,13 +29,11 @@ import numpy as np
 import optax
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mergejax.benchmarks import synthetic  # noqa: E402
+from mergejax.benchmarks import synthetic
 from mergejax.learned import (
-  coefficients,  # noqa: E402
-  loop,  # noqa: E402
-  objectives,  # noqa: E402
+  coefficients,
+  loop,
+  objectives,
 )
 
 _IMPL = flags.DEFINE_enum("impl", None, ["fused", "straightforward"], "Child mode: run one.")

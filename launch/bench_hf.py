@@ -16,7 +16,6 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
@@ -24,12 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mergejax import provenance  # noqa: E402
-from mergejax.benchmarks.clip8 import classifier  # noqa: E402
-from mergejax.io import hf  # noqa: E402
-from mergejax.models import clip  # noqa: E402
+from mergejax import provenance
+from mergejax.benchmarks.clip8 import classifier
+from mergejax.io import hf
+from mergejax.models import clip
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_hf", "Checkpoints and results go here.")
 _SMALL = flags.DEFINE_bool("small", False, "Tiny model and few repeats (smoke run).")

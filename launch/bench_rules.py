@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 _LAYERS = flags.DEFINE_integer("layers", 12, "Transformer blocks (12: ~21.7M parameters).")
 _EXPERTS = flags.DEFINE_integer("experts", 8, "Number of experts.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls after the first (median reported).")

@@ -4,16 +4,11 @@ python launch/benchmark.py --config=configs/benchmark.py --workdir=/tmp/mergejax
 python launch/benchmark.py --config=configs/benchmark.py:smoke --workdir=/tmp/bench_smoke
 """
 
-import sys
-from pathlib import Path
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Run from a checkout, uninstalled.
-
-from mergejax.benchmarks.digits import run as benchmark  # noqa: E402
+from mergejax.benchmarks.digits import run as benchmark
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to configs/benchmark.py (optionally :smoke or :vit).", lock_config=True

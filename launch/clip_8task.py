@@ -8,15 +8,10 @@ r"""Merges CLIP image encoders with any rule and evaluates them on the 8-task be
 Writes workdir/results.md, results.json and merged/ (see mergejax/benchmarks/clip8/).
 """
 
-import sys
-from pathlib import Path
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports configs.<rule>.
-
-from mergejax.benchmarks.clip8 import run as clip8_run  # noqa: E402
+from mergejax.benchmarks.clip8 import run as clip8_run
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to configs/clip_8task.py[:rule=<name>,...].", lock_config=True

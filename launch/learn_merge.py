@@ -4,17 +4,11 @@ mergejax.learned.methods.
   python launch/learn_merge.py --config=configs/adamerging.py:runlocal --workdir=/tmp/adamerging
 """
 
-import pathlib
-import sys
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# Variant configs import their base as `configs.<name>`: put the repository root on the path.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from mergejax.learned import methods  # noqa: E402
+from mergejax.learned import methods
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a configs/*.py learned-merging file.", lock_config=True

@@ -9,15 +9,10 @@ Writes workdir/merged.safetensors (or an orbax directory if --config.output has 
 workdir/run.json (config, seed, versions, time, memory).
 """
 
-import sys
-from pathlib import Path
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports configs.default.
-
-from mergejax import run  # noqa: E402
+from mergejax import run
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a configs/<rule>.py file.", lock_config=True

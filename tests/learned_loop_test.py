@@ -15,14 +15,12 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
-
-from configs import adamerging  # noqa: E402
-from mergejax.benchmarks import synthetic  # noqa: E402
+from configs import adamerging
+from mergejax.benchmarks import synthetic
 from mergejax.learned import (
-  coefficients,  # noqa: E402
-  loop,  # noqa: E402
-  objectives,  # noqa: E402
+  coefficients,
+  loop,
+  objectives,
 )
 
 _SAVED_FLAG = None

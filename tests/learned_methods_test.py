@@ -3,7 +3,6 @@
 import importlib
 import pathlib
 import shutil
-import sys
 import tempfile
 
 import jax
@@ -11,23 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # For `configs`.
-
 from configs import (
-  adamerging,  # noqa: E402
-  adamerging_plus,  # noqa: E402
-  adamerging_taskwise,  # noqa: E402
-  atlas,  # noqa: E402
-  atlas_unsupervised,  # noqa: E402
-  dv_basi,  # noqa: E402
-  dv_basi_unsupervised,  # noqa: E402
+  adamerging,
+  adamerging_plus,
+  adamerging_taskwise,
+  atlas,
+  atlas_unsupervised,
+  dv_basi,
+  dv_basi_unsupervised,
 )
-from mergejax.benchmarks import synthetic  # noqa: E402
-from mergejax.benchmarks.common import learned_plots as plots  # noqa: E402
+from mergejax.benchmarks import synthetic
+from mergejax.benchmarks.common import learned_plots as plots
 from mergejax.learned import (
-  loop,  # noqa: E402
-  methods,  # noqa: E402
-  objectives,  # noqa: E402
+  loop,
+  methods,
+  objectives,
 )
 
 _NUM_TEST = 40  # No other split or batch has this many rows: calls with it touch test data.

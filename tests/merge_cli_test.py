@@ -22,7 +22,6 @@ CONFIGS = sorted(
 
 
 def _load_config(name):
-  sys.path.insert(0, str(ROOT))
   return importlib.import_module(f"configs.{name}").get_config()
 
 
