@@ -1,7 +1,7 @@
 r"""The 8-task CLIP image-encoder benchmark (SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST,
 DTD).
 
-Any data-free rule of mergejax.rules, with the hyper-parameters of configs/<rule>.py:
+Any data-free rule of mergejax.rules, with its paper defaults (configs/merge.py's `rule_fields`):
 
   python launch/clip_8task.py --config=configs/clip_8task.py:rule=ties,dtype=bfloat16 \
       --config.pool.pretrained=/ckpt/clip-vit-base-patch32 \
@@ -29,10 +29,9 @@ Published average absolute accuracy over the 8 test sets (../shared/METHODS.md):
 FB: FusionBench's own re-fine-tuned checkpoints; compare methods on the same checkpoints.
 """
 
-import importlib
-
 import ml_collections
 
+from configs import merge
 from mergejax.benchmarks.clip8.run import TASKS
 
 
@@ -51,13 +50,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f"Unknown config options {sorted(unknown)}; use rule=, dtype=, runlocal.")
   rule = args.get("rule", "task_arithmetic")
-  # Rule hyper-parameters (paper defaults) come from the rule's own config file.
-  rule_config = importlib.import_module(f"configs.{rule}").get_config()
 
   config = ml_collections.ConfigDict()
   config.seed = 0  # Keys of random rules (DARE, DELLA).
-  config.rule_name = rule_config.rule_name
-  config.rule = rule_config.rule
+  config.rule_name = rule
+  config.rule = merge.rule_fields(rule)  # Paper defaults, from the rule's spec.
   config.tasks = ",".join(TASKS)
   config.pool = ml_collections.ConfigDict()
   config.pool.pretrained = ml_collections.config_dict.placeholder(str)  # A CLIPModel directory.

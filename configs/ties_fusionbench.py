@@ -1,15 +1,16 @@
-r"""TIES-Merging as FusionBench runs it: disjoint sum, λ = 0.3.
+r"""TIES-Merging as FusionBench runs it: disjoint sum, λ = 0.3 (paper: disjoint mean, λ = 1).
 
   python launch/merge.py --config=configs/ties_fusionbench.py \
       --config.base=BASE --config.experts=E1,E2,... --workdir=/tmp/ties_fusionbench
 """
 
-from configs import default
+from configs import merge
 
 
 def get_config(arg: str = ""):
-  """Returns the config (paper defaults; see ../shared/METHODS.md)."""
+  """Returns configs/merge.py's TIES config with FusionBench's reduce and λ."""
   del arg
-  return default.with_rule(
-    "ties", density=0.2, scale=0.3, trim_scope="model", election="mass", reduce="sum"
-  )
+  config = merge.get_config("ties")
+  config.rule.reduce = "sum"
+  config.rule.scale = 0.3
+  return config

@@ -234,19 +234,13 @@ def xla_memory_copies(rule, base, experts, kw) -> float:
 
   Peak RSS also counts the compiler's memory (LLVM, for ~150 leaves x 8 experts), which is freed
   after the first call but stays in the process's high-water mark; this figure is what each
-  further call needs. It compiles the front door's executable (private helpers: benchmark only).
+  further call needs. It compiles the front door's executable (`rules.lower`).
   """
   import jax
 
-  from mergejax import rules, sparsify
+  from mergejax import rules
 
-  static, traced = rules._split_static(kw)
-  if rules._wants_eager_trim(rule, static):
-    traced["trim_stats"] = sparsify.trim_stats_eager(base, experts, kw["density"])
-  compiled = (
-    rules._jitted(rule, tuple(sorted(static.items()))).lower(base, experts, traced).compile()
-  )
-  analysis = compiled.memory_analysis()
+  analysis = rules.lower(rule, base, experts, **kw).compile().memory_analysis()
   model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
   return (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) / model_bytes
 
@@ -268,9 +262,7 @@ def worker(impl: str, rule: str, layers: int, n_experts: int, repeats: int) -> d
 
     def call():
       out = rules.merge(rule, base, experts, check_finite=False, **kw)
-      if rule == "emr":
-        out = rules.emr_task_model(base, out, 0)
-      return jax.block_until_ready(out)
+      return jax.block_until_ready(rules.task_models(out, base, len(experts))[0])
   else:
     base, experts = make_inputs(layers, n_experts)
 

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 from absl import logging
 
@@ -48,9 +47,9 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   logging.info("Loaded base %s and %d experts.", config.base, len(experts))
 
   # 2. Hyper-parameters: the config's rule dict, plus a key for random rules.
-  hparams = dict(config.rule.to_dict()) if config.rule is not None else {}
-  if "key" in rules.hparams_of(config.rule_name):
-    hparams["key"] = jax.random.key(config.seed)
+  hparams = rules.add_key(
+    config.rule_name, config.rule.to_dict() if config.rule else {}, config.seed
+  )
 
   # 3. Merge.
   merged = rules.merge(
@@ -63,15 +62,15 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
     **hparams,
   )
 
-  # 4. Save. EMR-Merging needs the task id: write one model per task.
+  # 4. Save; a task-specific result (EMR, TALL masks) is written as one model per task.
   output = workdir / config.output
-  if isinstance(merged, rules.EMRMerged):
+  if isinstance(merged, rules.TaskSpecificMerge):
     suffix = ".safetensors" if config.output.endswith(".safetensors") else ""
     stem = config.output.removesuffix(".safetensors")
     outputs = []
     for t in range(len(experts)):
       path = workdir / f"{stem}_task{t}{suffix}"
-      checkpoint.save_params(path, rules.emr_task_model(base, merged, t))
+      checkpoint.save_params(path, merged.task_model(base, t))
       outputs.append(str(path))
   else:
     checkpoint.save_params(output, merged)

@@ -13,8 +13,10 @@ Magnitude top-k is the heart of TIES, Breadcrumbs and friends. Three exact imple
   monotone in x, so 31 counting passes pin down the exact bit pattern of the k-th largest value.
   Pure XLA (fused compare+sum), so it runs inside jit on GPU/TPU with no host round trip.
 
-"auto" picks "host" when lowering for CPU and "bisect" elsewhere (`lax.platform_dependent`).
-All return the same threshold, bit for bit (tests).
+This module is the one place that picks a backend: inside jit, "auto" picks "host" when lowering
+for CPU and "bisect" elsewhere (`lax.platform_dependent`); outside jit, `prefer_host` tells callers
+holding concrete CPU arrays (the `rules.merge` front door) to use `top_k_stats_eager`. All return
+the same threshold, bit for bit (tests).
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ def top_k_stats(
   if method == "auto":
     return lax.platform_dependent(groups, origins, ks, cpu=_stats_host, default=_stats_bisect)
   raise ValueError(f"method must be 'auto', 'host' or 'bisect', got {method!r}.")
+
+
+def prefer_host(*trees) -> bool:
+  """Whether to select with `top_k_stats_eager`, outside jit: CPU backend and concrete arrays.
+
+  Args:
+    *trees: the pytrees the selection will read.
+
+  Returns:
+    True on the CPU backend when no leaf is a tracer.
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
 
 
 def top_k_stats_eager(

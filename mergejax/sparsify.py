@@ -1,5 +1,6 @@
 """Sparsifiers: `list of task vectors -> list of task vectors` functions that zero (and maybe
-rescale) entries. They compose with any combiner in `mergejax.combine` (DARE→TIES, ...).
+rescale) entries. They compose with any combiner in `mergejax.combine` (DARE→TIES, ...);
+`SPARSIFIERS` names them for `rules.sparsify_combine`.
 
 Hyper-parameters that only change values (density, gamma, epsilon) may be traced: a sweep over
 them reuses one compilation. Randomness comes from one key per (expert, leaf path), so a mask never
@@ -9,7 +10,8 @@ depends on leaf order, on which other leaves exist, or on the device.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from mergejax import selection
 from mergejax.tree import Params, path_str, to_compute
 
 TRIM_SCOPES = ("model", "leaf")
+ROW_SCOPES = ("leaf", "row")
 RESCALES = ("inverse", "l1", "none")
 
 
@@ -284,8 +287,8 @@ def breadcrumbs(
   Returns:
     The masked task vectors (no rescaling; Breadcrumbs scales the sum by α afterwards).
   """
-  if scope not in ("leaf", "row"):
-    raise ValueError(f"scope must be 'leaf' or 'row', got {scope!r}.")
+  if scope not in ROW_SCOPES:
+    raise ValueError(f"scope must be one of {ROW_SCOPES}, got {scope!r}.")
 
   def mask_leaf(x):
     rows = _as_rows(x, scope)
@@ -324,8 +327,8 @@ def della_drop(
   Returns:
     The sparsified, rescaled task vectors.
   """
-  if scope not in ("leaf", "row"):
-    raise ValueError(f"scope must be 'leaf' or 'row', got {scope!r}.")
+  if scope not in ROW_SCOPES:
+    raise ValueError(f"scope must be one of {ROW_SCOPES}, got {scope!r}.")
 
   def drop(x, uniform):
     rows = _as_rows(x, scope)
@@ -337,3 +340,58 @@ def della_drop(
     return jnp.where(keep, rows / p, 0.0).reshape(x.shape)
 
   return _map_with_uniforms(vectors, key, drop)
+
+
+class Sparsifier(NamedTuple):
+  """A registered sparsifier: `fn(vectors, [key,] **hparams) -> vectors`.
+
+  Attributes:
+    fn: the sparsifier, called with keyword arguments.
+    hparams: the hyper-parameters it reads ("density", "gamma", "epsilon").
+    random: whether it takes a `key`.
+  """
+
+  fn: Callable[..., list[Params]]
+  hparams: tuple[str, ...]
+  random: bool
+
+
+def keep_all(vectors: Sequence[Params]) -> list[Params]:
+  """The identity sparsifier (plain task arithmetic / averaging downstream)."""
+  return list(vectors)
+
+
+SPARSIFIERS = {
+  "none": Sparsifier(keep_all, (), False),
+  "ties_trim": Sparsifier(trim_top_fraction, ("density",), False),
+  "dare": Sparsifier(random_drop, ("density",), True),
+  "breadcrumbs": Sparsifier(breadcrumbs, ("density", "gamma"), False),
+  "della": Sparsifier(della_drop, ("density", "epsilon"), True),
+}
+
+
+def apply_sparsifier(
+  name: str, vectors: Sequence[Params], *, key: jax.Array | None = None, **hparams
+) -> list[Params]:
+  """Runs the sparsifier registered as `name` with its defaults for everything not given.
+
+  Args:
+    name: key of `SPARSIFIERS`.
+    vectors: task vectors.
+    key: PRNG key (required by the random sparsifiers).
+    **hparams: the sparsifier's hyper-parameters (see `Sparsifier.hparams`).
+
+  Returns:
+    The sparsified task vectors.
+  """
+  if name not in SPARSIFIERS:
+    raise ValueError(f"sparsifier must be one of {sorted(SPARSIFIERS)}, got {name!r}.")
+  s = SPARSIFIERS[name]
+  unknown = sorted(set(hparams) - set(s.hparams))
+  if unknown:
+    raise TypeError(f"Sparsifier {name!r} takes {list(s.hparams)}, not {unknown}.")
+  if s.random:
+    if key is None:
+      raise ValueError(f"sparsifier={name!r} is random: pass key=jax.random.key(seed).")
+    return s.fn(vectors, key=key, **hparams)
+  return s.fn(vectors, **hparams)

@@ -11,18 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import merge as merge_config
 from mergejax import rules, run
 from mergejax.io import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The merge configs: every configs/*.py built on configs/default.py's `with_rule`.
-CONFIGS = sorted(
-  p.stem for p in (ROOT / "configs").glob("*.py") if "default.with_rule(" in p.read_text()
-)
+# Anchor variants of configs/merge.py: (module, the rule it configures).
+VARIANTS = {"ties_fusionbench": "ties"}
 
 
 def _load_config(name):
-  return importlib.import_module(f"configs.{name}").get_config()
+  if name in VARIANTS:
+    return importlib.import_module(f"configs.{name}").get_config()
+  return merge_config.get_config(name)
 
 
 def _write_models(tmp_path, n=3):
@@ -37,21 +38,35 @@ def _write_models(tmp_path, n=3):
   return str(tmp_path / "base.safetensors"), paths
 
 
-def test_every_rule_has_a_config():
-  assert set(rules.REGISTRY) <= set(CONFIGS)
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_config_hparams_are_the_rule_defaults(name):
+@pytest.mark.parametrize("name", sorted(rules.REGISTRY))
+def test_every_rule_config_holds_its_defaults(name):
   config = _load_config(name)
-  defaults = rules.hparams_of(config.rule_name)
-  assert set(config.rule) <= set(defaults), f"{name}: unknown hyper-parameters"
-  if name != "ties_fusionbench":  # The one config that reproduces an anchor, not the paper.
-    for key, value in config.rule.items():
-      assert defaults[key] == value, f"{name}: {key}={value} differs from the rule's default"
+  defaults = rules.hparams_of(name)
+  assert config.rule_name == name
+  assert set(config.rule) == {k for k in defaults if k != "key"}
+  for key, value in config.rule.items():
+    assert value == defaults[key], f"{name}: {key}={value} differs from the rule's default"
 
 
-@pytest.mark.parametrize("name", ["ties", "emr", "dare"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_configs_name_known_hparams(name):
+  config = _load_config(name)
+  assert config.rule_name == VARIANTS[name]
+  assert set(config.rule) <= set(rules.hparams_of(config.rule_name))
+
+
+def test_a_registered_rule_gets_a_config():
+  def halve(base, experts, *, scale=0.5):
+    return rules.task_arithmetic(base, experts, scale=scale)
+
+  rules.register("halve_test", halve, scale=rules.spec.SCALE)
+  try:
+    assert merge_config.get_config("halve_test").rule.to_dict() == {"scale": 0.5}
+  finally:
+    del rules.REGISTRY["halve_test"]
+
+
+@pytest.mark.parametrize("name", ["ties", "emr", "dare", "tall_masks"])
 def test_merge_from_disk(tmp_path, name):
   base, experts = _write_models(tmp_path)
   config = _load_config(name)
@@ -60,7 +75,7 @@ def test_merge_from_disk(tmp_path, name):
   written = json.loads((tmp_path / "out" / "run.json").read_text())
   assert written["config"]["rule_name"] == config.rule_name
   assert written["versions"]["jax"] == jax.__version__
-  assert len(record["outputs"]) == (3 if name == "emr" else 1)
+  assert len(record["outputs"]) == (3 if name in ("emr", "tall_masks") else 1)
   merged = checkpoint.load_params(record["outputs"][0])
   np.testing.assert_array_equal(merged["head"], np.ones(2))  # Excluded: kept from base.
   assert merged["backbone"]["w"].shape == (4, 3)
@@ -81,7 +96,7 @@ def test_cli_end_to_end_and_unknown_key(tmp_path):
     sys.executable,
     str(ROOT / "launch/merge.py"),
     "--config",
-    str(ROOT / "configs/ties.py"),
+    str(ROOT / "configs/merge.py") + ":ties",
     f"--config.base={base}",
     f"--config.experts={','.join(experts)}",
     f"--workdir={tmp_path / 'cli'}",

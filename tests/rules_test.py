@@ -7,6 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from mergejax import rules, sparsify
+from mergejax.rules import spec
 
 
 def _vec(*values):
@@ -167,8 +168,9 @@ class PropertyTest(chex.TestCase):
     experts = [_random_tree(i + 1, jnp.bfloat16) for i in range(2 if name == "slerp" else 3)]
     jitted = rules.merge(name, base, experts, **_kwargs(name))
     eager = rules.merge(name, base, experts, jit=False, **_kwargs(name))
-    if name == "emr":
-      jitted, eager = rules.emr_task_model(base, jitted, 1), rules.emr_task_model(base, eager, 1)
+    # Task-specific results (EMR, TALL masks): check one task's model.
+    jitted = rules.task_models(jitted, base, len(experts))[1]
+    eager = rules.task_models(eager, base, len(experts))[1]
     chex.assert_trees_all_equal_shapes_and_dtypes(jitted, base)
     chex.assert_trees_all_close(
       jax.tree.map(lambda x: x.astype(jnp.float32), jitted),
@@ -180,9 +182,8 @@ class PropertyTest(chex.TestCase):
   def test_zero_task_vectors_give_base(self, name):
     base = _random_tree(0)
     out = rules.merge(name, base, [base, base], **_kwargs(name))
-    if name == "emr":
-      out = rules.emr_task_model(base, out, 0)
-    chex.assert_trees_all_close(out, base, atol=1e-6)
+    for model in rules.task_models(out, base, 2):
+      chex.assert_trees_all_close(model, base, atol=1e-6)
 
   def test_density_one_reduces_to_task_arithmetic(self):
     base = _random_tree(0)
@@ -235,12 +236,29 @@ class PropertyTest(chex.TestCase):
     fn = jax.jit(chex.assert_max_traces(rules.ties_merging, n=1))
     for density, scale in ((0.2, 1.0), (0.5, 0.3), (0.9, 2.0)):
       fn(base, experts, density=jnp.float32(density), scale=jnp.float32(scale))
-    # The front door passes scalars as arrays, so its cached executable is reused too.
-    rules.merge("dare_ties", base, experts, key=jax.random.key(0), density=0.5, scale=0.1)
-    compiled = rules._jitted("dare_ties", ())._cache_size()  # Other tests may have added entries.
-    for density, scale in ((0.3, 0.2), (0.9, 1.5)):
-      rules.merge("dare_ties", base, experts, key=jax.random.key(1), density=density, scale=scale)
-    self.assertEqual(rules._jitted("dare_ties", ())._cache_size(), compiled)
+    # The front door passes scalars (and keys) as arrays, so its cached executable is reused.
+    traces = []
+
+    def counting(base, experts, *, key, density=0.5, scale=1.0):
+      traces.append(density)  # Runs once per trace.
+      return rules.dare_ties(base, experts, key=key, density=density, scale=scale)
+
+    rules.register(
+      "counting_dare_ties", counting, key=spec.KEY, density=spec.FRACTION, scale=spec.SCALE
+    )
+    try:
+      for seed, density, scale in ((0, 0.5, 0.1), (1, 0.3, 0.2), (2, 0.9, 1.5)):
+        rules.merge(
+          "counting_dare_ties",
+          base,
+          experts,
+          key=jax.random.key(seed),
+          density=density,
+          scale=scale,
+        )
+    finally:
+      del rules.REGISTRY["counting_dare_ties"]
+    self.assertLen(traces, 1)
 
   def test_dare_determinism_and_keep_rate(self):
     base = {"w": jnp.zeros(200_000)}
@@ -398,7 +416,7 @@ class SparsifyCombineTest(chex.TestCase):
     pairs = [
       (
         dict(sparsifier="ties_trim", combine="ties", density=0.3, scale=0.9),
-        rules.ties_merging(base, experts, density=0.3, scale=0.9, selection_method="bisect"),
+        rules.ties_merging(base, experts, density=0.3, scale=0.9),
       ),
       (
         dict(sparsifier="dare", combine="ties", density=0.4, scale=0.9, key=key),

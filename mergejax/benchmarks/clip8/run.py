@@ -22,7 +22,6 @@ import pathlib
 import time
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -62,7 +61,8 @@ def merge_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Args:
     config: see configs/clip_8task.py.
     workdir: receives results.json, results.md, merged/ (a CLIPVisionModel directory; one per
-      task for "emr") and cache/ (preprocessed data and heads) unless `config.cache_dir` is set.
+      task for task-specific rules such as "emr") and cache/ (preprocessed data and heads)
+      unless `config.cache_dir` is set.
 
   Returns:
     `{"results": {row: {task: accuracy}}, "table": markdown, ...}` as written to results.json.
@@ -97,14 +97,12 @@ def merge_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   logging.info("Data and heads ready at %.1f s.", time.time() - started)
 
   # 4. Merge (only the image encoder; heads stay frozen).
-  hparams = dict(config.rule.to_dict()) if config.rule else {}
-  if "key" in rules.hparams_of(config.rule_name):
-    hparams["key"] = jax.random.key(config.seed)
+  hparams = rules.add_key(
+    config.rule_name, config.rule.to_dict() if config.rule else {}, config.seed
+  )
   merged = rules.merge(config.rule_name, base, [pool.experts[t] for t in tasks], **hparams)
-  if isinstance(merged, rules.EMRMerged):  # Task-specific models: needs the task id.
-    per_task = {t: rules.emr_task_model(base, merged, i) for i, t in enumerate(tasks)}
-  else:
-    per_task = dict.fromkeys(tasks, merged)
+  # One model per task: the same one, or each task's own (EMR, TALL masks: needs the task id).
+  per_task = dict(zip(tasks, rules.task_models(merged, base, len(tasks)), strict=True))
 
   # 5. Evaluate.
   def accuracy(backbone, t):

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import tqdm
@@ -158,7 +157,6 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
 
   # 3. Merges: every rule, per fine-tuning mode, hyper-parameters chosen on validation.
   curves, selection, conflicts, cosines = {}, {}, {}, {}
-  key = jax.random.key(config.seed)
   for mode in config.zoo.modes:
     experts = zoo.experts[mode]
     rows.append(
@@ -172,7 +170,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     mode_accuracy = functools.partial(accuracy, mode=mode)
     for rule in tqdm.tqdm(config.rules, desc=f"merging ({mode})", leave=False):
       rule_start = time.time()
-      extra = {"key": key} if "key" in rules.hparams_of(rule) else {}
+      extra = rules.add_key(rule, {}, config.seed)
       grid = config.grids.get(rule)
       grid = grid.to_dict() if grid is not None else None
       best, val_acc, test_acc, trace = _run_rule(
@@ -279,28 +277,24 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
 
 def _run_rule(rule, base, experts, accuracy, val, test, expert_val, grid, extra):
   """Selects `rule`'s hyper-parameters on validation; returns (best, val acc, test acc, trace)."""
-  if rule == "emr":
-    merged = rules.merge("emr", base, experts)
-    task_models = [rules.emr_task_model(base, merged, t) for t in range(len(experts))]
 
-    def split_acc(split):
-      # Task t is evaluated with its own model (EMR needs the task id at inference).
-      x, y = split
-      return np.array(
-        [accuracy(m, (x[t : t + 1], y[t : t + 1]))[0] for t, m in enumerate(task_models)]
-      )
-
-    return {}, split_acc(val), split_acc(test), []
+  def merged_accuracy(merged, split):
+    if not isinstance(merged, rules.TaskSpecificMerge):
+      return accuracy(merged, split)
+    # One model per task (EMR, TALL masks): task t is evaluated with its own model.
+    x, y = split
+    models = rules.task_models(merged, base, len(experts))
+    return np.array([accuracy(m, (x[t : t + 1], y[t : t + 1]))[0] for t, m in enumerate(models)])
 
   def score(hp):
     # The inputs are checked for NaN/Inf once, by the final merge below; the sweep skips the
     # per-leaf device reductions (they dominate a sweep over a many-leaf ViT).
     merged = rules.merge(rule, base, experts, check_finite=False, **hp, **extra)
-    return evaluate.normalized_accuracy(accuracy(merged, val), expert_val)
+    return evaluate.normalized_accuracy(merged_accuracy(merged, val), expert_val)
 
   best, _, trace = select_on_validation(score, grid)
   merged = rules.merge(rule, base, experts, **best, **extra)
-  return best, accuracy(merged, val), accuracy(merged, test), trace
+  return best, merged_accuracy(merged, val), merged_accuracy(merged, test), trace
 
 
 def _scale_curve(trace, reference) -> dict[str, list[float]]:

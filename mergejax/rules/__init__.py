@@ -1,0 +1,78 @@
+"""Data-free merge rules: pure functions `(base, experts, **hparams) -> merged params`.
+
+Each rule is a few lines composed from `task_vectors` (algebra), `sparsify` (trim / random drop /
+Breadcrumbs / DELLA) and `combine` (sum, mean, sign election + disjoint merge), registered with a
+spec of its hyper-parameters (`spec.register`). Rules are jit-able and leave jit to the caller;
+`merge` is the validated, jit-cached front door.
+
+Conventions:
+* `base` is θ0; `experts` is a list of θt with the structure, shapes and dtypes of `base`.
+* Arithmetic is float32; the output has the dtypes of `base`.
+* `scale` (λ) and fractions (`density`, `gamma`, ...) may be traced: a sweep reuses one compile.
+* Random rules take an explicit `key`; masks come from one key per (expert, leaf path).
+* Rules that build one model per task (EMR, TALL masks) return a `TaskSpecificMerge`.
+
+Modules: `spec` (the registry), `averaging`, `sparse`, `masks`, `geometric` (the rules),
+`task_specific` (per-task results), `front_door` (`merge`).
+"""
+
+from mergejax.rules.averaging import task_arithmetic, task_negation, weight_average
+from mergejax.rules.front_door import lower, merge
+from mergejax.rules.geometric import model_stock, slerp
+from mergejax.rules.masks import (
+  EMRMerged,
+  TallMerged,
+  consensus,
+  emr_merging,
+  emr_task_model,
+  tall_masks,
+  tall_task_model,
+)
+from mergejax.rules.sparse import (
+  breadcrumbs,
+  dare,
+  dare_ties,
+  della,
+  sparsify_combine,
+  ties_merging,
+)
+from mergejax.rules.spec import (
+  REGISTRY,
+  HParam,
+  RuleSpec,
+  add_key,
+  hparams_of,
+  register,
+)
+from mergejax.rules.task_specific import TaskSpecificMerge, task_models
+
+__all__ = [
+  "REGISTRY",
+  "EMRMerged",
+  "HParam",
+  "RuleSpec",
+  "TallMerged",
+  "TaskSpecificMerge",
+  "add_key",
+  "breadcrumbs",
+  "consensus",
+  "dare",
+  "dare_ties",
+  "della",
+  "emr_merging",
+  "emr_task_model",
+  "hparams_of",
+  "lower",
+  "merge",
+  "model_stock",
+  "register",
+  "slerp",
+  "sparsify_combine",
+  "tall_masks",
+  "tall_task_model",
+  "task_arithmetic",
+  "task_models",
+  "task_negation",
+  "ties_merging",
+  "weight_average",
+]

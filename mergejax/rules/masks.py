@@ -1,0 +1,178 @@
+"""Mask-based rules: Consensus merging, TALL masks and EMR-Merging (the latter two per task)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mergejax import combine as combine_lib
+from mergejax import task_vectors as tv
+from mergejax.rules import spec
+from mergejax.rules.sparse import COMBINE, _combine
+from mergejax.rules.task_specific import TaskSpecificMerge
+from mergejax.tree import Params
+
+
+def _masked(mask: Params, vector: Params) -> Params:
+  return jax.tree.map(lambda m, x: jnp.where(m, x, 0.0), mask, vector)
+
+
+def consensus(
+  base: Params,
+  experts: Sequence[Params],
+  *,
+  tall_lambda: Any = 0.4,
+  min_tasks: Any = 2,
+  scale: Any = 0.3,
+  combine: str = "sum",
+) -> Params:
+  """Consensus merging (Wang et al. 2024): keep entries that ≥ k TALL masks select.
+
+  θ = θ0 + λ · (1[Σt mt ≥ k] ⊙ τmerged), mt = 1[|τt| ≥ λt |τMTL − τt|], τMTL = Σt τt.
+
+  Args:
+    base: pre-trained parameters θ0.
+    experts: fine-tuned models θt.
+    tall_lambda: λt of the TALL masks (scalar or one per task; paper range [0.2, 0.6]).
+    min_tasks: k (paper: 2).
+    scale: λ applied to the masked merged vector.
+    combine: how τmerged is formed: "sum" (Consensus TA) or "ties" (Consensus TIES, on untrimmed
+      vectors).
+
+  Returns:
+    Merged parameters.
+  """
+  vectors = tv.task_vectors(base, experts)
+  mask = combine_lib.consensus_mask(combine_lib.tall_masks(vectors, tall_lambda), min_tasks)
+  return tv.apply(base, _masked(mask, _combine(vectors, combine)), scale)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TallMerged(TaskSpecificMerge):
+  """TALL masks' output: the multi-task vector τMTL = Σt τt and one boolean mask per task.
+
+  Task t's model is θ0 + mt ⊙ τMTL (needs the task id at inference).
+  """
+
+  multi: Params
+  masks: list[Params]
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.masks)
+
+  def task_model(self, base: Params, task: int) -> Params:
+    return tv.apply(base, _masked(self.masks[task], self.multi))
+
+
+def tall_masks(base: Params, experts: Sequence[Params], *, tall_lambda: Any = 0.4) -> TallMerged:
+  """TALL masks (Wang et al. 2024): per-task masks over the multi-task vector.
+
+  Args:
+    base: pre-trained parameters θ0.
+    experts: fine-tuned models θt.
+    tall_lambda: λt (scalar or one per task; the paper searches [0.2, 0.6] on validation).
+
+  Returns:
+    A `TallMerged`; task t's model is `result.task_model(base, t)`.
+  """
+  vectors = tv.task_vectors(base, experts)
+  return TallMerged(multi=tv.add(*vectors), masks=combine_lib.tall_masks(vectors, tall_lambda))
+
+
+def tall_task_model(
+  base: Params, experts: Sequence[Params], task: int, *, tall_lambda: Any = 0.4
+) -> Params:
+  """TALL-masks model for one task: θ0 + mt ⊙ τMTL (needs the task id at inference).
+
+  Args:
+    base: pre-trained parameters θ0.
+    experts: fine-tuned models θt.
+    task: index of the task whose model is built.
+    tall_lambda: λt (scalar or one per task).
+
+  Returns:
+    Task `task`'s parameters.
+  """
+  return tall_masks(base, experts, tall_lambda=tall_lambda).task_model(base, task)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EMRMerged(TaskSpecificMerge):
+  """EMR-Merging's output: one unified task vector plus a light mask and rescaler per task.
+
+  Attributes:
+    unified: γ ⊙ max |τt| over the tasks that agree with γ (float32).
+    masks: per task, 1[τt ⊙ τuni > 0] (bool).
+    rescalers: [T] float32, Σ|τt| / Σ|mt ⊙ τuni|.
+  """
+
+  unified: Params
+  masks: list[Params]
+  rescalers: jax.Array
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.masks)
+
+  def task_model(self, base: Params, task: int) -> Params:
+    """θ0 + λt · (mt ⊙ τuni), in the dtypes of `base`."""
+    return tv.apply(base, _masked(self.masks[task], self.unified), self.rescalers[task])
+
+
+def emr_merging(base: Params, experts: Sequence[Params]) -> EMRMerged:
+  """EMR-Merging (Huang et al. 2024): elect, then per-task masks and rescalers. Tuning-free.
+
+  Args:
+    base: pre-trained parameters θ0.
+    experts: fine-tuned models θt.
+
+  Returns:
+    An `EMRMerged`; build task t's model with `result.task_model(base, t)`.
+  """
+  vectors = tv.task_vectors(base, experts)
+  sign = combine_lib.elect_sign(vectors, election="mass")
+  unified = combine_lib.disjoint_merge(vectors, sign, reduce="max")
+  masks = [jax.tree.map(lambda x, u: x * u > 0, v, unified) for v in vectors]
+
+  def total_abs(tree):
+    return sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree))
+
+  rescalers = []
+  for v, m in zip(vectors, masks, strict=True):
+    masked = total_abs(_masked(m, unified))
+    rescalers.append(jnp.where(masked > 0, total_abs(v) / jnp.where(masked > 0, masked, 1.0), 0.0))
+  return EMRMerged(unified=unified, masks=masks, rescalers=jnp.stack(rescalers))
+
+
+def emr_task_model(base: Params, merged: EMRMerged, task: int) -> Params:
+  """Task `task`'s model from EMR-Merging: `merged.task_model(base, task)`.
+
+  Args:
+    base: pre-trained parameters θ0.
+    merged: the output of `emr_merging` (or of `merge("emr", ...)`, subsets included).
+    task: task index.
+
+  Returns:
+    Task `task`'s parameters, in the dtypes of `base`.
+  """
+  return merged.task_model(base, task)
+
+
+_TALL_LAMBDA = spec.HParam("per_expert", low=0.0)
+spec.register(
+  "consensus",
+  consensus,
+  tall_lambda=_TALL_LAMBDA,
+  min_tasks=spec.HParam("int", low=1),
+  scale=spec.SCALE,
+  combine=COMBINE,
+)
+spec.register("tall_masks", tall_masks, tall_lambda=_TALL_LAMBDA)
+spec.register("emr", emr_merging)
