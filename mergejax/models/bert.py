@@ -23,8 +23,6 @@ import jax.numpy as jnp
 
 from mergejax.models import layers
 
-Params = Any
-
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:

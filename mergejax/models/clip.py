@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.models import layers
-
-Params = Any
+from mergejax.tree import Params
 
 # The normalisation transformers' CLIPImageProcessor applies after scaling pixels to [0, 1].
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -285,25 +284,6 @@ class CLIPModel(nn.Module):
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
     return jnp.exp(self.logit_scale) * img @ txt.T
-
-
-def config_from_dict(d: dict) -> CLIPConfig | CLIPVisionConfig | CLIPTextConfig:
-  """Returns the config matching a CLIP config.json's `model_type`.
-
-  Args:
-    d: parsed config.json ("clip", "clip_vision_model" or "clip_text_model").
-
-  Returns:
-    The matching config dataclass.
-  """
-  kind = d.get("model_type", "clip")
-  if kind == "clip":
-    return CLIPConfig.from_dict(d)
-  if kind == "clip_vision_model":
-    return CLIPVisionConfig.from_dict(d)
-  if kind == "clip_text_model":
-    return CLIPTextConfig.from_dict(d)
-  raise ValueError(f"Not a CLIP config: model_type={kind!r}.")
 
 
 def vision_tower(params: Params) -> Params:
