@@ -70,7 +70,7 @@ def test_a_registered_rule_gets_a_config():
 def test_merge_from_disk(tmp_path, name):
   base, experts = _write_models(tmp_path)
   config = _load_config(name)
-  config.base, config.experts, config.exclude = base, ",".join(experts), "head"
+  config.base, config.experts, config.exclude = base, tuple(experts), ("head",)
   record = run.merge_from_disk(config, tmp_path / "out")
   written = json.loads((tmp_path / "out" / "run.json").read_text())
   assert written["config"]["rule_name"] == config.rule_name
@@ -85,7 +85,7 @@ def test_missing_paths(tmp_path):
   config = _load_config("ties")
   with pytest.raises(ValueError, match="--config.base"):
     run.merge_from_disk(config, tmp_path)
-  config.base, config.experts = str(tmp_path / "nope.safetensors"), "x"
+  config.base, config.experts = str(tmp_path / "nope.safetensors"), ("x",)
   with pytest.raises(FileNotFoundError, match="nope.safetensors"):
     run.merge_from_disk(config, tmp_path)
 
@@ -98,7 +98,7 @@ def test_cli_end_to_end_and_unknown_key(tmp_path):
     "--config",
     str(ROOT / "configs/merge.py") + ":ties",
     f"--config.base={base}",
-    f"--config.experts={','.join(experts)}",
+    *[f"--config.experts={e}" for e in experts],
     f"--workdir={tmp_path / 'cli'}",
   ]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
