@@ -115,6 +115,8 @@ def state_dict_to_params(state_dict: dict[str, Any], *, dtype: Any = None) -> Pa
       node = node.setdefault(m, {})
       if not isinstance(node, dict):
         raise ValueError(f"Tensor name {key!r} passes through another tensor's name.")
+    if leaf in node:
+      raise ValueError(f"Tensor name {key!r} collides with another tensor's or module's name.")
     node[leaf] = a
   return params
 
