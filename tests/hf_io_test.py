@@ -163,16 +163,21 @@ def test_hf_directory_as_checkpoint_keeps_torch_names(tmp_path):
   assert params["pos_ids"].dtype == np.int64
 
 
-def test_save_pretrained_replaces_a_checkpoint_not_other_directories(tmp_path):
+def test_save_pretrained_replaces_weights_and_keeps_other_files(tmp_path):
   out = tmp_path / "out"
-  hf.save_pretrained(out, {"fc": {"kernel": np.ones((2, 3), np.float32)}}, {"model_type": "toy"})
-  hf.save_pretrained(out, {"fc": {"kernel": np.zeros((2, 3), np.float32)}}, {"model_type": "toy"})
+  big = {"fc": {"kernel": np.ones((40, 30), np.float32), "bias": np.ones(40, np.float32)}}
+  hf.save_pretrained(out, big, {"model_type": "toy"}, max_shard_size=2000)
+  assert (out / hf.SAFETENSORS_INDEX).exists()
+  (out / "tokenizer.json").write_text("{}")
+  small = {"fc": {"kernel": np.zeros((2, 3), np.float32)}}
+  hf.save_pretrained(out, small, {"model_type": "toy"})
+  assert sorted(p.name for p in out.iterdir()) == [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+  ]  # The stale shards and index are gone, the tokenizer stays.
   np.testing.assert_array_equal(hf.read_state_dict(out)["fc.weight"], np.zeros((3, 2)))
-  (tmp_path / "other").mkdir()
-  (tmp_path / "other" / "data.csv").write_text("1,2")
-  with pytest.raises(FileExistsError, match="holds no checkpoint"):
-    hf.save_pretrained(tmp_path / "other", {"w": np.ones(1, np.float32)}, {})
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_side_files_are_copied_but_not_weights_or_cards(tmp_path):

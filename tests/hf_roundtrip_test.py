@@ -150,3 +150,61 @@ def test_name_mapping_is_invertible_on_adversarial_names():
     assert set(back) == set(sd), (sorted(back), sorted(sd))
     for k, v in sd.items():
       np.testing.assert_array_equal(back[k], v)
+
+
+def expert_state(directory):
+  return {k: torch.from_numpy(np.array(v)) for k, v in hf.read_state_dict(directory).items()}
+
+
+def test_merge_cli_on_transformers_directories(tmp_path):
+  """Issue 14: base as safetensors, one expert as pytorch_model.bin, one sharded; the default
+  output is a sharded bf16 Hugging Face directory that transformers loads as it is."""
+  import json
+  import subprocess
+  import sys
+
+  from mergejax.io import checkpoint
+
+  torch.manual_seed(0)
+  model, inputs = _bert()
+  model.save_pretrained(tmp_path / "base")
+  for i, kwargs in enumerate([{}, dict(max_shard_size="40KB")]):
+    expert = type(model)(model.config)
+    expert.load_state_dict(model.state_dict())
+    with torch.no_grad():
+      for p in expert.parameters():
+        p.add_(0.01 * (i + 1))
+    expert.save_pretrained(tmp_path / f"e{i}", **kwargs)
+  # A legacy pickle checkpoint: the same tensors in pytorch_model.bin.
+  names = set(hf.read_state_dict(tmp_path / "e0"))
+  sd = {k: v for k, v in expert_state(tmp_path / "e0").items() if k in names}
+  (tmp_path / "e0" / "model.safetensors").unlink()
+  torch.save(sd, tmp_path / "e0" / "pytorch_model.bin")
+  assert (tmp_path / "e0" / "pytorch_model.bin").exists()
+  assert (tmp_path / "e1" / "model.safetensors.index.json").exists()
+  root = __import__("pathlib").Path(__file__).resolve().parents[1]
+  done = subprocess.run(
+    [
+      sys.executable, str(root / "launch/merge.py"),
+      f"--config={root / 'configs/merge.py'}:task_arithmetic",
+      f"--config.base={tmp_path / 'base'}",
+      f"--config.experts={tmp_path / 'e0'}", f"--config.experts={tmp_path / 'e1'}",
+      "--config.rule.scale=0.5", "--config.dtype=bfloat16", "--config.shard_size=20KB",
+      f"--workdir={tmp_path / 'w'}",
+    ],
+    capture_output=True, text=True, check=False,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = tmp_path / "w" / "merged"
+  assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+  assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+  reloaded, info = type(model).from_pretrained(out, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert reloaded.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+  # θ0 + 0.5 (τ1 + τ2) = θ0 + 0.015 on every float tensor, rounded to bf16 (half an ulp).
+  base = hf.read_state_dict(tmp_path / "base")
+  merged = checkpoint.to_flat_names(checkpoint.load_params(out))
+  for k, v in base.items():
+    got = merged[k].astype(np.float32)
+    np.testing.assert_allclose(got, v + np.float32(0.015), rtol=2**-8, atol=1e-6, err_msg=k)
+  assert np.isfinite(_outputs(reloaded.float(), inputs)["logits"]).all()

@@ -46,6 +46,12 @@ _NOT_COPIED = re.compile(
 )
 
 
+# The files a checkpoint's weights and config consist of (replaced as a set by `save_pretrained`).
+_WEIGHTS = re.compile(
+  r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)|.*\.index\.json|config\.json"
+)
+
+
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
   """Whether `path` is a directory holding Hugging Face weights (any of `WEIGHT_FILES`)."""
   p = pathlib.Path(path)
@@ -352,11 +358,13 @@ def save_pretrained(
 ) -> pathlib.Path:
   """Writes a flax-layout tree as a transformers checkpoint directory, atomically as a whole.
 
-  The directory is built under a temporary name and swapped in: an earlier checkpoint at
-  `directory` is replaced only once the new one is complete (its stale shards go with it).
+  The new directory is built under a temporary name (the existing directory's other files, such
+  as a tokenizer, hard-linked into it) and swapped in: an earlier checkpoint at `directory` is
+  replaced only once the new one is complete, and its weight files, stale shards included, go.
 
   Args:
-    directory: the checkpoint directory; an existing one must hold a checkpoint (or nothing).
+    directory: the checkpoint directory (created if missing; files other than weights and
+      config.json are kept).
     params: a tree laid out as `load_pretrained` returns it (same prefixes).
     config: the config.json dict to write (usually the one loaded with the source checkpoint).
     dtype: cast floating tensors before writing (None keeps their dtype).
@@ -367,15 +375,24 @@ def save_pretrained(
     The directory.
   """
   d = pathlib.Path(directory)
-  if d.exists() and any(d.iterdir()) and not is_checkpoint_dir(d):
-    raise FileExistsError(
-      f"{d} exists and holds no checkpoint; save_pretrained replaces the whole directory, so "
-      "choose an empty or new one."
-    )
   state_dict = names.params_to_state_dict(params, dtype=dtype)
   with atomic.atomic_dir(d) as tmp:
+    tmp.mkdir()
+    for f in sorted(d.iterdir()) if d.is_dir() else ():
+      if not (_WEIGHTS.fullmatch(f.name) or f.name.startswith(atomic.TMP_PREFIX)):
+        _link_or_copy(f, tmp / f.name)
     write_dir(tmp, state_dict, config, source=source, max_shard_size=max_shard_size)
   return d
+
+
+def _link_or_copy(src: pathlib.Path, dst: pathlib.Path) -> None:
+  if src.is_dir():
+    shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=True)
+    return
+  try:
+    os.link(src, dst)  # Same filesystem (a sibling): no data copied.
+  except OSError:
+    shutil.copy2(src, dst)
 
 
 # ---------------------------------------------------------------------------------- tokenizer
