@@ -147,6 +147,13 @@ def test_sharded_bin(tmp_path):
   _check_bin(hf.read_state_dict(tmp_path))
 
 
+def test_a_broken_orbax_directory_is_named(tmp_path):
+  (tmp_path / "ckpt").mkdir()
+  (tmp_path / "ckpt" / "_METADATA").write_text("not json")
+  with pytest.raises(ValueError, match=r"ckpt: orbax cannot restore it"):
+    checkpoint.load_params(tmp_path / "ckpt")
+
+
 def test_a_directory_that_is_no_checkpoint(tmp_path):
   (tmp_path / "notes.txt").write_text("hi")
   with pytest.raises(ValueError, match=r"is a directory but no checkpoint.*\['notes.txt'\]"):

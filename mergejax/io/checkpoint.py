@@ -287,7 +287,12 @@ def load_params(path: str | os.PathLike) -> Params:
     return _nest(hf.read_state_dict(path), path)
   if kind == "torch":
     return _nest(hf.read_torch_file(path), path)
-  return load_pytree(path)
+  try:
+    return load_pytree(path)
+  except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types)
+    raise ValueError(
+      f"{path}: orbax cannot restore it ({type(e).__name__}: {str(e).splitlines()[0][:300]})."
+    ) from e
 
 
 def _require_exists(path: Path) -> None:

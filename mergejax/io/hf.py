@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from mergejax.io import atomic, names, safetensors
-from mergejax.tree import Params, is_float
+from mergejax.tree import Params, is_float, num_bytes
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -254,18 +254,13 @@ def parse_size(size: int | str) -> int:
   return value
 
 
-def nbytes(a: Any) -> int:
-  """Bytes of an array's data (numpy or jax; no transfer)."""
-  return int(np.prod(np.shape(a), dtype=np.int64)) * np.dtype(a.dtype).itemsize
-
-
 def shard(tensors: Mapping[str, Any], max_bytes: int) -> list[list[str]]:
   """Groups tensor names, in sorted order, into shards of at most `max_bytes` (a larger tensor
   gets a shard of its own), as transformers does."""
   shards: list[list[str]] = [[]]
   size = 0
   for name in sorted(tensors):
-    n = nbytes(tensors[name])
+    n = num_bytes(tensors[name])
     if shards[-1] and size + n > max_bytes:
       shards.append([])
       size = 0
@@ -325,7 +320,7 @@ def write_dir(
       part = {k: state_dict[k] for k in group}
       written += safetensors.write_safetensors(d / name, part, progress=progress)
       weight_map.update(dict.fromkeys(group, name))
-      total += sum(map(nbytes, part.values()))
+      total += num_bytes(part)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     text = json.dumps(index, indent=2)
     atomic.write_text(d / SAFETENSORS_INDEX, text)
@@ -393,46 +388,3 @@ def _link_or_copy(src: pathlib.Path, dst: pathlib.Path) -> None:
     os.link(src, dst)  # Same filesystem (a sibling): no data copied.
   except OSError:
     shutil.copy2(src, dst)
-
-
-# ---------------------------------------------------------------------------------- tokenizer
-def load_tokenizer(directory: str | os.PathLike, *, max_length: int | None = None) -> Any:
-  """Loads the fast tokenizer (tokenizer.json) of a checkpoint directory with the `tokenizers` lib.
-
-  Args:
-    directory: holds tokenizer.json (transformers' fast-tokenizer file; special tokens and the
-      post-processor that adds [CLS]/[SEP] or <|startoftext|>/<|endoftext|> are part of it).
-    max_length: truncate to this many tokens, special tokens included (e.g. CLIP's 77).
-
-  Returns:
-    A `tokenizers.Tokenizer` that pads each batch to its longest sequence.
-  """
-  from tokenizers import Tokenizer  # noqa: PLC0415 (optional dependency)
-
-  path = pathlib.Path(directory) / "tokenizer.json"
-  if not path.exists():
-    raise FileNotFoundError(f"No tokenizer.json in {directory}.")
-  tok = Tokenizer.from_file(str(path))
-  pad = tok.padding or {}
-  tok.no_truncation()
-  if max_length:
-    tok.enable_truncation(max_length)
-  # Pad to the batch's longest row, whatever fixed length the file asks for.
-  tok.enable_padding(pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]"))
-  return tok
-
-
-def encode(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  """Tokenizes a batch of texts.
-
-  Args:
-    tokenizer: from `load_tokenizer`.
-    texts: the strings.
-
-  Returns:
-    `(input_ids, attention_mask)`, both int32 `[len(texts), longest]`.
-  """
-  encodings = tokenizer.encode_batch(texts)
-  ids = np.asarray([e.ids for e in encodings], np.int32)
-  mask = np.asarray([e.attention_mask for e in encodings], np.int32)
-  return ids, mask
