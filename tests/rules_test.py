@@ -391,7 +391,7 @@ class FrontDoorTest(parameterized.TestCase):
 
   def test_selection_matching_nothing(self):
     base, experts = self._pair()
-    with self.assertRaisesRegex(ValueError, "select no leaf"):
+    with self.assertRaisesRegex(ValueError, "matches no leaf"):
       rules.merge("task_arithmetic", base, experts, include="decoder/.*")
 
   def test_rule_arity(self):

@@ -1,5 +1,12 @@
 """Parameter pytrees on disk: orbax checkpoints and safetensors files (the one module using orbax).
 
+`load_params` reads any checkpoint a user can point at: a safetensors file, a Hugging Face
+directory (single or sharded safetensors, pytorch_model.bin), a torch `.bin`/`.pt` file (read
+with `weights_only=True`) or an orbax directory. Flat tensor names ("a.b.c") become nested dicts
+({"a": {"b": {"c": ...}}}, leaf path "a/b/c") and go back unchanged on writing, so a Hugging Face
+checkpoint round-trips name for name. Tensors keep their stored dtype (int64 included: they stay
+numpy arrays, which jax would narrow).
+
 Every write is atomic (`mergejax.io.atomic`): the data goes to a temporary sibling first and is
 renamed into place once complete, so a crash never leaves a half-written checkpoint where a good
 one stood.
@@ -17,22 +24,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mergejax import tree as tree_lib
-from mergejax.io import atomic, safetensors
+from mergejax.io import atomic, hf, safetensors
 from mergejax.tree import Params
 
 SAFETENSORS_SEP = "."  # Flat names "a.b.c" <-> nested {"a": {"b": {"c": ...}}}.
+FORMATS = ("safetensors", "hf", "torch", "orbax")
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
 
 
 # ------------------------------------------------------------------------------ safetensors
-def to_flat_names(params: Params, sep: str = SAFETENSORS_SEP) -> dict[str, np.ndarray]:
-  """Returns `{"a.b.c": numpy array}` for a nested dict of arrays.
+def to_flat_names(params: Params, sep: str = SAFETENSORS_SEP) -> dict[str, Any]:
+  """Returns `{"a.b.c": array}` for a nested dict of arrays (leaves as they are, no copy).
 
   Args:
     params: nested dict of arrays.
     sep: separator of the flat names.
 
   Returns:
-    Host numpy arrays keyed by flat name.
+    The leaves keyed by flat name.
 
   Raises:
     ValueError: if a key already contains `sep` (the names would not round-trip).
@@ -45,7 +55,7 @@ def to_flat_names(params: Params, sep: str = SAFETENSORS_SEP) -> dict[str, np.nd
       raise ValueError(
         f"Leaf {path!r}: a key contains {sep!r}, so flat names would not round-trip."
       )
-    out[sep.join(parts)] = np.asarray(jax.device_get(leaf))
+    out[sep.join(parts)] = leaf
   return out
 
 
@@ -54,23 +64,36 @@ def from_flat_names(flat: dict[str, Any], sep: str = SAFETENSORS_SEP) -> dict:
   return tree_lib.unflatten(flat, sep=sep)
 
 
-def save_safetensors(path: str | os.PathLike, params: Params, metadata: dict | None = None) -> None:
+def _nest(flat: dict[str, Any], source: Path) -> dict:
+  try:
+    return from_flat_names(flat)
+  except ValueError as e:
+    raise ValueError(f"{source}: its tensor names do not form a tree ({e}).") from None
+
+
+def save_safetensors(
+  path: str | os.PathLike, params: Params, metadata: dict | None = None, *, progress=None
+) -> int:
   """Writes a nested dict of arrays as one safetensors file, atomically.
 
   Args:
     path: destination file (conventionally "*.safetensors").
     params: nested dict of arrays (any dtype safetensors supports, bfloat16 included).
     metadata: optional str -> str metadata stored in the header.
+    progress: called with each tensor's byte count once written.
+
+  Returns:
+    Bytes written.
   """
   _check_array_leaves(params)
-  safetensors.write_safetensors(path, to_flat_names(params), metadata)
+  return safetensors.write_safetensors(path, to_flat_names(params), metadata, progress=progress)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
   """Reads a safetensors file into a nested dict of read-only numpy views of a memory map."""
   path = Path(path)
   _require_exists(path)
-  return from_flat_names(safetensors.read_safetensors(path))
+  return _nest(safetensors.read_safetensors(path), path)
 
 
 # ------------------------------------------------------------------------------ orbax
@@ -192,6 +215,43 @@ def restore_training_state(manager: ocp.CheckpointManager, template: Any) -> tup
 
 
 # ------------------------------------------------------------------------------ dispatch
+def checkpoint_format(path: str | os.PathLike) -> str:
+  """Tells what kind of checkpoint `path` is (one of `FORMATS`), from what is on disk.
+
+  Args:
+    path: a file or directory.
+
+  Returns:
+    "safetensors" (a *.safetensors file), "hf" (a directory with Hugging Face weights), "torch"
+    (a .bin/.pt/.pth file) or "orbax" (an orbax checkpoint directory).
+
+  Raises:
+    FileNotFoundError: nothing at `path` (the message points at leftovers of an interrupted
+      write, if any).
+    ValueError: something that is none of these, with what it holds.
+  """
+  path = Path(path)
+  _require_exists(path)
+  if path.is_dir():
+    if hf.is_checkpoint_dir(path):
+      return "hf"
+    if any((path / m).exists() for m in _ORBAX_MARKERS):
+      return "orbax"
+    raise ValueError(
+      f"{path} is a directory but no checkpoint: neither Hugging Face weights "
+      f"({', '.join(hf.WEIGHT_FILES)}) nor an orbax checkpoint ({' or '.join(_ORBAX_MARKERS)}). "
+      f"It holds {sorted(p.name for p in path.iterdir())[:10]}."
+    )
+  if path.suffix == ".safetensors":
+    return "safetensors"
+  if path.suffix in _TORCH_SUFFIXES:
+    return "torch"
+  raise ValueError(
+    f"{path}: unknown checkpoint file type {path.suffix!r}; expected a .safetensors file, a "
+    f"torch {'/'.join(_TORCH_SUFFIXES)} file, or a checkpoint directory."
+  )
+
+
 def save_params(path: str | os.PathLike, params: Params) -> None:
   """Saves parameters: "*.safetensors" → one safetensors file; anything else → orbax directory.
 
@@ -206,20 +266,33 @@ def save_params(path: str | os.PathLike, params: Params) -> None:
 
 
 def load_params(path: str | os.PathLike) -> Params:
-  """Loads parameters saved by `save_params` (format chosen by the path).
+  """Loads parameters from any checkpoint (format found by `checkpoint_format`).
 
   Args:
-    path: a "*.safetensors" file or an orbax checkpoint directory.
+    path: a "*.safetensors" file, a Hugging Face checkpoint directory, a torch .bin/.pt file,
+      or an orbax checkpoint directory.
 
   Returns:
-    Nested dict of arrays.
+    Nested dict of arrays: read-only memory-mapped numpy views for safetensors (nothing read
+    until used), numpy for torch files, jax or numpy arrays (as saved) for orbax.
 
   Raises:
-    FileNotFoundError: naming the path (and a leftover of an interrupted write, if any).
+    FileNotFoundError / ValueError: naming the path (and the shard) and what is wrong.
   """
-  if str(path).endswith(".safetensors"):
+  path = Path(path)
+  kind = checkpoint_format(path)
+  if kind == "safetensors":
     return load_safetensors(path)
-  return load_pytree(path)
+  if kind == "hf":
+    return _nest(hf.read_state_dict(path), path)
+  if kind == "torch":
+    return _nest(hf.read_torch_file(path), path)
+  try:
+    return load_pytree(path)
+  except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types)
+    raise ValueError(
+      f"{path}: orbax cannot restore it ({type(e).__name__}: {str(e).splitlines()[0][:300]})."
+    ) from e
 
 
 def _require_exists(path: Path) -> None:

@@ -102,6 +102,8 @@ class HParam:
     values = _numbers(where, value, self.kind, num_experts)
     if not np.all(np.isfinite(values)):
       raise ValueError(f"{where} is not finite.")
+    if self.kind != "int" and np.any(np.abs(values) > np.finfo(np.float32).max):
+      raise ValueError(f"{where} overflows float32, the dtype the rules compute in.")
     lo_ok = self.low is None or np.all(
       values > self.low if self.bounds[0] == "(" else values >= self.low
     )

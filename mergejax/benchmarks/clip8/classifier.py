@@ -19,7 +19,7 @@ import numpy as np
 
 from mergejax.benchmarks.clip8.data import TaskData
 from mergejax.benchmarks.clip8.pool import ModelPool
-from mergejax.io import hf
+from mergejax.io import tokenizer as tokenizer_lib
 from mergejax.models import clip
 from mergejax.tree import Params
 
@@ -106,13 +106,15 @@ def zero_shot_head(
     return np.load(cached)
 
   text_cfg = pool.clip_config.text_config
-  tokenizer = hf.load_tokenizer(pool.pretrained_dir, max_length=text_cfg.max_position_embeddings)
+  tokenizer = tokenizer_lib.load_tokenizer(
+    pool.pretrained_dir, max_length=text_cfg.max_position_embeddings
+  )
   prompts = [t.format(c) for c in classnames for t in templates]
   module = clip.CLIPModel(pool.clip_config)
   feats = []
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start : start + batch_size]
-    ids, mask = hf.encode(tokenizer, chunk + [""] * (batch_size - len(chunk)))
+    ids, mask = tokenizer_lib.encode(tokenizer, chunk + [""] * (batch_size - len(chunk)))
     if text_cfg.eos_token_id != 2 and not np.all(np.any(ids == text_cfg.eos_token_id, axis=1)):
       # The pooled state is read at the first EOS: a tokenizer.json without the post-processor
       # that appends it would silently pool the wrong position.
