@@ -48,7 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.zoo.model = dict(width=256, depth=3, expansion=2)
   # Broad supervised pre-training on the multi-attribute mixture (heads discarded afterwards).
   config.zoo.pretrain = dict(
-    steps=3000,
+    steps=4000,
     batch_size=128,
     learning_rate=1e-3,
     warmup_steps=100,
@@ -57,10 +57,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     chunk=100,
   )
   # Zero-shot heads: cosine prototypes of `shots` training examples per class, logits = cos / T.
-  config.zoo.heads = dict(shots=16, temperature=0.05, center=True)
+  config.zoo.heads = dict(shots=8, temperature=0.05, center=True)
   # Experts: brief fine-tuning with small updates, head frozen, weight decay towards θ0.
   config.zoo.finetune = dict(
-    steps=300,
+    steps=800,
     batch_size=64,
     learning_rate=1e-4,
     warmup_steps=30,
@@ -89,7 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.regime.trim_density = 0.2
   config.regime.dare_density = 0.1  # DARE's p = 0.9.
   # Disentanglement error of each task pair on an α grid (Ortiz-Jiménez et al. 2023).
-  config.regime.disentanglement_coeffs = (0.0, 0.25, 0.5, 0.75, 1.0)
+  config.regime.disentanglement_coeffs = (0.0, 0.5, 1.0)
   config.regime.map_coeffs = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)  # The plotted pair's map.
   config.regime.max_pairs = 28  # All pairs of 8 tasks.
 

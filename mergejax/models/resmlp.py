@@ -20,19 +20,24 @@ import jax
 import jax.numpy as jnp
 
 
+ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu}
+
+
 class MLPBlock(nn.Module):
-  """Pre-LN MLP branch on the last axis: x + W2 gelu(W1 LN(x)).
+  """Pre-LN MLP branch on the last axis: x + W2 act(W1 LN(x)).
 
   Attributes:
     hidden: hidden units.
+    activation: "gelu" or "relu".
   """
 
   hidden: int
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nn.LayerNorm(name="ln")(x)
-    y = nn.gelu(nn.Dense(self.hidden, name="dense_in")(y))
+    y = ACTIVATIONS[self.activation](nn.Dense(self.hidden, name="dense_in")(y))
     return x + nn.Dense(x.shape[-1], name="dense_out")(y)
 
 
@@ -41,9 +46,11 @@ class PatchMixBlock(nn.Module):
 
   Attributes:
     hidden: hidden units of the per-patch MLP.
+    activation: "gelu" or "relu".
   """
 
   hidden: int
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [n, patches, width]
@@ -51,7 +58,7 @@ class PatchMixBlock(nn.Module):
     # Dense over the patch axis: every output patch is a learned combination of all patches.
     y = nn.Dense(x.shape[1], name="mix")(jnp.swapaxes(y, 1, 2))
     x = x + jnp.swapaxes(y, 1, 2)
-    return MLPBlock(self.hidden, name="mlp")(x)
+    return MLPBlock(self.hidden, self.activation, name="mlp")(x)
 
 
 class ResMLPBackbone(nn.Module):
@@ -62,21 +69,25 @@ class ResMLPBackbone(nn.Module):
     depth: number of residual blocks.
     expansion: hidden units per MLP = expansion * width.
     patch_size: side of the square patches; None flattens the whole image into one vector.
+    activation: "gelu" or "relu" in the MLPs.
   """
 
   width: int = 256
   depth: int = 3
   expansion: int = 2
   patch_size: int | None = None
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"Unknown activation {self.activation!r}; known: {sorted(ACTIVATIONS)}.")
     x = jnp.asarray(x, jnp.float32)
     n = x.shape[0]
     if self.patch_size is None:
       x = nn.Dense(self.width, name="embed")(x.reshape(n, -1))
       for i in range(self.depth):
-        x = MLPBlock(self.expansion * self.width, name=f"block_{i}")(x)
+        x = MLPBlock(self.expansion * self.width, self.activation, name=f"block_{i}")(x)
       return nn.LayerNorm(name="ln_final")(x)
     if x.ndim == 3:
       x = x[..., None]
@@ -87,5 +98,5 @@ class ResMLPBackbone(nn.Module):
     x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = nn.Dense(self.width, name="embed")(x.reshape(n, (h // p) * (w // p), p * p * c))
     for i in range(self.depth):
-      x = PatchMixBlock(self.expansion * self.width, name=f"block_{i}")(x)
+      x = PatchMixBlock(self.expansion * self.width, self.activation, name=f"block_{i}")(x)
     return nn.LayerNorm(name="ln_final")(x).mean(axis=1)

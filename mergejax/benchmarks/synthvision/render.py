@@ -320,14 +320,17 @@ def paint(
   return out
 
 
-def texture(kind: str, rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-  """Draws `n` random instances of a background pattern.
+def texture(
+  kind: str, rng: np.random.Generator, n: int, size: int, freq: tuple[float, float] = (1.5, 3.0)
+) -> np.ndarray:
+  """Draws `n` random instances of a background pattern (random orientation, phase, frequency).
 
   Args:
     kind: one of `TEXTURES`.
     rng: the generator (its state advances).
     n: number of patterns.
     size: side in pixels.
+    freq: range of the spatial frequency, in cycles per canvas width.
 
   Returns:
     float32 [n, size, size] in [0, 1].
@@ -339,7 +342,7 @@ def texture(kind: str, rng: np.random.Generator, n: int, size: int) -> np.ndarra
   phase = col(rng.uniform(0, 2 * np.pi, n))
   along = np.cos(phi) * x + np.sin(phi) * y
   across = -np.sin(phi) * x + np.cos(phi) * y
-  freq = col(rng.uniform(1.5, 3.0, n))  # Cycles per canvas width.
+  freq = col(rng.uniform(*freq, n))
   if kind == "solid":
     out = np.zeros((n, size, size))
   elif kind == "gradient":
@@ -395,6 +398,7 @@ def backgrounds(
   size: int,
   names=TEXTURES,
   contrast: tuple[float, float] = (0.6, 1.0),
+  freq: tuple[float, float] = (1.5, 3.0),
 ) -> np.ndarray:
   """Coloured backgrounds: pattern p mixes two dim colours as c1 (1 - p) + c2 p.
 
@@ -407,6 +411,7 @@ def backgrounds(
     size: side in pixels.
     names: texture names.
     contrast: range of the mixing weight m.
+    freq: range of the patterns' spatial frequency (cycles per canvas width).
 
   Returns:
     float32 [n, size, size, 3].
@@ -416,7 +421,7 @@ def backgrounds(
   for k, name in enumerate(names):
     sel = np.flatnonzero(kinds == k)
     if len(sel):
-      pattern[sel] = texture(name, rng, len(sel), size)
+      pattern[sel] = texture(name, rng, len(sel), size, freq)
   c1, _ = random_colours(rng, n, value=(0.05, 0.45), sat=(0.0, 0.8))
   c, _ = random_colours(rng, n, value=(0.3, 0.7), sat=(0.0, 0.8))
   m = rng.uniform(*contrast, (n, 1))

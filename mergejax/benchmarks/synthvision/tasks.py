@@ -24,7 +24,7 @@ import numpy as np
 
 from mergejax.benchmarks.synthvision import render
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 6
 
 # Fonts: pre-training sees glyphs in these; the letters task uses only the held-out ones.
 PRETRAIN_FONTS = (
@@ -45,7 +45,7 @@ HELDOUT_FONTS = (
   "cmb10",
   "cmti10",
 )
-PRETRAIN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+PRETRAIN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 PRETRAIN_SHAPES = (
   "circle",
   "square",
@@ -58,19 +58,21 @@ PRETRAIN_SHAPES = (
   "bar",
   "ell",
 )
-PRETRAIN_TEXTURES = ("solid", "gradient", "grating", "checker", "dots", "noise")
 PLAIN_TEXTURES = ("solid", "gradient", "noise")
 
-# Pre-training attributes and their number of classes (the pre-training heads' sizes).
+# Pre-training attributes and their number of classes (the pre-training heads' sizes). A label
+# of -1 means "not defined for this scene" and is left out of the loss.
 ATTRIBUTES = {
   "category": len(PRETRAIN_CHARS) + len(PRETRAIN_SHAPES),
   "colour": 8,
-  "background": len(PRETRAIN_TEXTURES),
-  "count": 3,
+  "background": len(render.TEXTURES),
+  "count": 6,
   "position": 9,
   "size": 3,
   "rotation": 6,
+  "relation": 4,
 }
+IGNORE = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +103,11 @@ class _Scene:
     self.side = size * supersample
     self.canvas = np.zeros((n, self.side, self.side, 3), np.float32)
 
-  def background(self, kinds: np.ndarray, names=render.TEXTURES, contrast=(0.1, 0.35)) -> None:
+  def background(
+    self, kinds: np.ndarray, names=render.TEXTURES, contrast=(0.1, 0.35), freq=(1.5, 3.0)
+  ) -> None:
     """Paints backgrounds; the default low contrast keeps textures behind objects mild."""
-    self.canvas = render.backgrounds(self.rng, kinds, self.side, names, contrast)
+    self.canvas = render.backgrounds(self.rng, kinds, self.side, names, contrast, freq)
 
   def draw(self, atlas, idx, rgb, *, scale, angle, cx, cy, aspect=None, where=None) -> None:
     """Paints one object per example (only where `where` is True, if given).
@@ -155,72 +159,110 @@ def _glyphs_and_shapes():
 
 # ------------------------------------------------------------------------------ pre-training
 def pretraining_mixture(
-  rng: np.random.Generator, n: int, size: int, supersample: int = 2
+  rng: np.random.Generator, n: int, size: int, supersample: int = 2, grid_fraction: float = 0.3
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Draws the pre-training mixture: multi-object scenes with seven attribute labels.
+  """Draws the pre-training mixture: two kinds of scenes with up to eight attribute labels.
+
+  Object scenes: a primary glyph (pre-training fonts) or shape, rotated and scaled, with zero to
+  two small distractors; labels: category, colour, position, size and rotation of the primary,
+  background texture, number of objects, where the first distractor lies relative to the primary.
+  Grid scenes (`grid_fraction` of them): one to six copies of one small shape on a 3x3 grid;
+  labels: category (the shape), colour, background, count; the rest are `IGNORE`.
 
   Args:
     rng: the generator.
     n: number of images.
     size: image side in pixels.
     supersample: rendering oversampling per side.
+    grid_fraction: fraction of grid scenes.
 
   Returns:
     (uint8 images [n, size, size, 3], {attribute: int32 labels [n]}) with the keys of
-    `ATTRIBUTES`.
+    `ATTRIBUTES`; -1 marks an attribute a scene does not define.
   """
   atlas, (num_fonts, num_chars) = _glyphs_and_shapes()
+  shapes = render.shape_atlas(PRETRAIN_SHAPES)
   scene = _Scene(rng, n, size, supersample)
-  bg = rng.integers(0, len(PRETRAIN_TEXTURES), n)
-  scene.background(bg, PRETRAIN_TEXTURES, contrast=(0.2, 0.8))
-  count = rng.integers(1, ATTRIBUTES["count"] + 1, n)
-  # Distractors first (small, anywhere), so the primary object is painted on top.
-  for k in range(ATTRIBUTES["count"] - 1):
-    where = count > k + 1
-    scale = rng.uniform(0.15, 0.22, n)
-    cx, cy = _inside(rng, scale)
-    rgb, _ = render.random_colours(rng, n)
-    idx = rng.integers(0, len(atlas), n)
-    scene.draw(
-      atlas, idx, rgb, scale=scale, angle=rng.uniform(-np.pi, np.pi, n), cx=cx, cy=cy, where=where
-    )
-  # The primary object: a glyph of a pre-training font (half of the time) or a shape.
+  bg = rng.integers(0, len(render.TEXTURES), n)
+  scene.background(bg, render.TEXTURES, contrast=(0.15, 0.9))
+  grid = rng.uniform(size=n) < grid_fraction
+  obj = ~grid
+  labels = {k: np.full(n, IGNORE, np.int64) for k in ATTRIBUTES}
+  labels["background"] = bg
+  colour = rng.integers(0, ATTRIBUTES["colour"], n)
+  labels["colour"] = colour
+  rgb = _hue_colours(rng, colour / ATTRIBUTES["colour"], jitter=0.5 / ATTRIBUTES["colour"])
+
+  # Object scenes. Distractors first (small, off the centre), the primary on top.
+  distractors = rng.integers(0, 3, n)
+  first = np.zeros((n, 2))
+  for k in range(2):
+    where = obj & (distractors > k)
+    angle = rng.uniform(-np.pi, np.pi, n)
+    radius = rng.uniform(0.55, 0.75, n)
+    cx, cy = radius * np.cos(angle), radius * np.sin(angle)
+    if k == 0:
+      first = np.stack([cx, cy], 1)
+    d_rgb, _ = render.random_colours(rng, n)
+    scene.draw(atlas, rng.integers(0, len(atlas), n), d_rgb, scale=rng.uniform(0.15, 0.22, n),
+               angle=rng.uniform(-np.pi, np.pi, n), cx=cx, cy=cy, where=where)
   category = rng.integers(0, ATTRIBUTES["category"], n)
   is_glyph = category < num_chars
   font = rng.integers(0, num_fonts, n)
-  idx = np.where(
-    is_glyph, font * num_chars + category, num_fonts * num_chars + category - num_chars
-  )
+  idx = np.where(is_glyph, font * num_chars + category, num_fonts * num_chars + category - num_chars)
   size_bin = rng.integers(0, 3, n)
   scale = 0.45 + 0.12 * size_bin + rng.uniform(0, 0.1, n)
   cx, cy = _jitter(rng, n, 0.3)
   # Rotation bins of 10 degrees over [-30, 30]: upright enough for glyphs to keep their identity.
   rot_bin = rng.integers(0, ATTRIBUTES["rotation"], n)
   angle = (rot_bin + rng.uniform(0, 1, n) - ATTRIBUTES["rotation"] / 2) * np.deg2rad(10)
-  colour = rng.integers(0, ATTRIBUTES["colour"], n)
-  rgb = _hue_colours(rng, colour / ATTRIBUTES["colour"], jitter=0.5 / ATTRIBUTES["colour"])
-  scene.draw(atlas, idx, rgb, scale=scale, angle=angle, cx=cx, cy=cy)
-  position = np.digitize(cy, [-0.1, 0.1]) * 3 + np.digitize(cx, [-0.1, 0.1])
-  labels = {
-    "category": category,
-    "colour": colour,
-    "background": bg,
-    "count": count - 1,
-    "position": position,
-    "size": size_bin,
-    "rotation": rot_bin,
-  }
+  scene.draw(atlas, idx, rgb, scale=scale, angle=angle, cx=cx, cy=cy, where=obj)
+  off = first - np.stack([cx, cy], 1)
+  relation = np.where(
+    np.abs(off[:, 0]) >= np.abs(off[:, 1]), (off[:, 0] > 0).astype(int), 2 + (off[:, 1] > 0)
+  )
+  labels["category"] = np.where(obj, category, labels["category"])
+  labels["count"] = np.where(obj, distractors, labels["count"])
+  labels["position"] = np.where(
+    obj, np.digitize(cy, [-0.1, 0.1]) * 3 + np.digitize(cx, [-0.1, 0.1]), IGNORE
+  )
+  labels["size"] = np.where(obj, size_bin, IGNORE)
+  labels["rotation"] = np.where(obj, rot_bin, IGNORE)
+  labels["relation"] = np.where(obj & (distractors > 0), relation, IGNORE)
+
+  # Grid scenes: k copies of one shape in one colour on distinct cells of a 3x3 grid.
+  count = rng.integers(1, ATTRIBUTES["count"] + 1, n)
+  shape = rng.integers(0, len(PRETRAIN_SHAPES), n)
+  cells = np.argsort(rng.uniform(size=(n, 9)), axis=1)
+  for k in range(ATTRIBUTES["count"]):
+    cell = cells[:, k]
+    scene.draw(shapes, shape, rgb, scale=rng.uniform(0.26, 0.32, n),
+               angle=rng.uniform(-0.5, 0.5, n), cx=(cell % 3 - 1) * 0.64,
+               cy=(cell // 3 - 1) * 0.64, where=grid & (count > k))
+  labels["category"] = np.where(grid, num_chars + shape, labels["category"])
+  labels["count"] = np.where(grid, count - 1, labels["count"])
   return scene.finish(), {k: np.asarray(v, np.int32) for k, v in labels.items()}
 
 
 # ------------------------------------------------------------------------------ tasks
+_DIGITS_PARTITION = {"train": (0.0, 0.6), "val": (0.6, 0.75), "test": (0.75, 1.0)}
+
+
+def digits_partition(part: str) -> np.ndarray:
+  """Indices of scikit-learn's handwritten digits that split `part` draws from.
+
+  A fixed partition (its own seed, independent of the data seed), so no handwritten sample is
+  drawn in two splits.
+  """
+  num = len(render.handwritten_digits()[1])
+  perm = np.random.default_rng(20240601).permutation(num)
+  lo, hi = _DIGITS_PARTITION[part]
+  return perm[int(lo * num) : int(hi * num)]
+
+
 def _digits(rng, labels, size, supersample, part):
   masks, digit = render.handwritten_digits()
-  # A fixed partition of scikit-learn's images (its own seed): no handwritten sample is drawn in
-  # two splits, whatever the split seeds.
-  perm = np.random.default_rng(20240601).permutation(len(digit))
-  cut = {"train": (0, 0.6), "val": (0.6, 0.75), "test": (0.75, 1.0)}[part]
-  pool = perm[int(cut[0] * len(perm)) : int(cut[1] * len(perm))]
+  pool = digits_partition(part)
   idx = np.empty(len(labels), np.int64)
   for c in range(10):
     sel = np.flatnonzero(labels == c)
@@ -287,12 +329,13 @@ def _textures(rng, labels, size, supersample, part):
   del part
   n = len(labels)
   scene = _Scene(rng, n, size, supersample)
+  # Full-contrast patterns without objects (pre-training shows them dimmed, behind objects).
   scene.background(labels, TEXTURE_CLASSES, contrast=(0.7, 1.0))
   return scene.finish()
 
 
 MAX_COUNT = 6
-COUNT_SHAPES = ("circle", "square", "diamond", "plus")
+COUNT_SHAPES = ("heart", "crescent", "semicircle", "tee")  # Not in pre-training.
 
 
 def _count(rng, labels, size, supersample, part):
@@ -301,7 +344,7 @@ def _count(rng, labels, size, supersample, part):
   n = len(labels)
   scene = _Scene(rng, n, size, supersample)
   scene.background(rng.integers(0, 3, n), PLAIN_TEXTURES)
-  # One shape and colour per image; objects on distinct cells of a 3x3 grid (never overlapping).
+  # One held-out shape and one colour per image, on distinct cells of a 3x3 grid.
   shape = rng.integers(0, len(COUNT_SHAPES), n)
   rgb, _ = render.random_colours(rng, n, value=(0.8, 1.0))
   cells = np.argsort(rng.uniform(size=(n, 9)), axis=1)

@@ -94,11 +94,12 @@ def pretrain(
 
   The loss is the mean over attributes of the label-smoothed cross-entropy, so no attribute's
   head is pushed to certainty (the features stay calibrated for the prototype heads built later).
+  A label of -1 marks an attribute the example does not define; it is left out of that mean.
 
   Args:
     backbone: the image encoder module.
     images: uint8 [n, H, W, 3].
-    labels: {attribute: int [n]}.
+    labels: {attribute: int [n]}, -1 where undefined.
     num_classes: {attribute: classes}.
     cfg: optimization settings.
     label_smoothing: mass spread uniformly over the classes.
@@ -124,9 +125,11 @@ def pretrain(
     total = 0.0
     for name in names:
       logits = feats @ params["heads"][name]["kernel"] + params["heads"][name]["bias"]
-      k = num_classes[name]
-      target = optax.smooth_labels(jax.nn.one_hot(ys[name], k), label_smoothing)
-      total = total + optax.softmax_cross_entropy(logits, target).mean()
+      k, y = num_classes[name], ys[name]
+      target = optax.smooth_labels(jax.nn.one_hot(jnp.maximum(y, 0), k), label_smoothing)
+      defined = (y >= 0).astype(jnp.float32)
+      ce = optax.softmax_cross_entropy(logits, target)
+      total = total + jnp.sum(ce * defined) / jnp.maximum(jnp.sum(defined), 1.0)
     return total / len(names)
 
   def draw(rng, k):

@@ -330,9 +330,11 @@ def zoo_keys(config: ml_collections.ConfigDict) -> tuple[str, str]:
   changing the fine-tuning recipe reuses the pre-trained backbone; the second hashes everything.
   """
   zoo = config.zoo.to_dict()
-  pre = {"data": config.data.to_dict(), "model_name": zoo["model_name"], "model": zoo["model"]}
+  # The pool's key covers the data config and the generators' version.
+  pool = data_lib.pool_key(data_config(config))
+  pre = {"pool": pool, "model_name": zoo["model_name"], "model": zoo["model"]}
   pre["pretrain"] = zoo["pretrain"]
-  full = {"data": config.data.to_dict(), "zoo": zoo}
+  full = {"pool": pool, "zoo": zoo}
   return (
     zoo_cache.config_key(pre, config.seed, prefix="synthvision-pretrained-"),
     zoo_cache.config_key(full, config.seed, prefix="synthvision-zoo-"),
