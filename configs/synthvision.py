@@ -113,10 +113,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       if "vit" in switches
       else dict(width=32, depth=1, expansion=2)
     )
-    config.zoo.pretrain.update(steps=20, batch_size=32, warmup_steps=2, chunk=10)
+    # One jitted call per phase (chunk = steps): the smoke run's time is compilation.
+    config.zoo.pretrain.update(steps=20, batch_size=32, warmup_steps=2, chunk=20)
     config.zoo.heads.shots = 2
-    config.zoo.finetune.update(steps=10, batch_size=16, learning_rate=1e-3, warmup_steps=2, chunk=5)
-    config.zoo.multitask.update(steps=10, batch_size=8, warmup_steps=2, chunk=5)
+    config.zoo.finetune.update(
+      steps=10, batch_size=16, learning_rate=1e-3, warmup_steps=2, chunk=10
+    )
+    config.zoo.multitask.update(steps=10, batch_size=8, warmup_steps=2, chunk=10)
     config.regime.disentanglement_coeffs = (0.0, 1.0)
     config.regime.map_coeffs = (0.0, 1.0)
     config.regime.max_pairs = 1

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
 ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu}
 
 

@@ -204,12 +204,22 @@ def pretraining_mixture(
     if k == 0:
       first = np.stack([cx, cy], 1)
     d_rgb, _ = render.random_colours(rng, n)
-    scene.draw(atlas, rng.integers(0, len(atlas), n), d_rgb, scale=rng.uniform(0.15, 0.22, n),
-               angle=rng.uniform(-np.pi, np.pi, n), cx=cx, cy=cy, where=where)
+    scene.draw(
+      atlas,
+      rng.integers(0, len(atlas), n),
+      d_rgb,
+      scale=rng.uniform(0.15, 0.22, n),
+      angle=rng.uniform(-np.pi, np.pi, n),
+      cx=cx,
+      cy=cy,
+      where=where,
+    )
   category = rng.integers(0, ATTRIBUTES["category"], n)
   is_glyph = category < num_chars
   font = rng.integers(0, num_fonts, n)
-  idx = np.where(is_glyph, font * num_chars + category, num_fonts * num_chars + category - num_chars)
+  idx = np.where(
+    is_glyph, font * num_chars + category, num_fonts * num_chars + category - num_chars
+  )
   size_bin = rng.integers(0, 3, n)
   scale = 0.45 + 0.12 * size_bin + rng.uniform(0, 0.1, n)
   cx, cy = _jitter(rng, n, 0.3)
@@ -236,9 +246,16 @@ def pretraining_mixture(
   cells = np.argsort(rng.uniform(size=(n, 9)), axis=1)
   for k in range(ATTRIBUTES["count"]):
     cell = cells[:, k]
-    scene.draw(shapes, shape, rgb, scale=rng.uniform(0.26, 0.32, n),
-               angle=rng.uniform(-0.5, 0.5, n), cx=(cell % 3 - 1) * 0.64,
-               cy=(cell // 3 - 1) * 0.64, where=grid & (count > k))
+    scene.draw(
+      shapes,
+      shape,
+      rgb,
+      scale=rng.uniform(0.26, 0.32, n),
+      angle=rng.uniform(-0.5, 0.5, n),
+      cx=(cell % 3 - 1) * 0.64,
+      cy=(cell // 3 - 1) * 0.64,
+      where=grid & (count > k),
+    )
   labels["category"] = np.where(grid, num_chars + shape, labels["category"])
   labels["count"] = np.where(grid, count - 1, labels["count"])
   return scene.finish(), {k: np.asarray(v, np.int32) for k, v in labels.items()}
