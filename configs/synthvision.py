@@ -99,6 +99,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.sanity.ties = (0.5, 1.0, 1.5)
   config.sanity.dare = (0.2, 0.3, 0.5)
 
+  config.plots = True  # The disentanglement map of the first task pair.
+
   if "wide" in switches:
     config.zoo.model.width = 512
   if "vit" in switches:

@@ -13,6 +13,15 @@ from mergejax.benchmarks.synthvision import run
 from mergejax.benchmarks.synthvision import zoo as zoo_lib
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  # Compilation dominates the smoke zoo on CPU; XLA's optimizations buy nothing at its sizes.
+  saved = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", saved)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   config = sv_config.get_config("smoke")
@@ -74,8 +83,12 @@ def test_apply_fn_and_evaluate(built):
 
 def test_run_writes_every_regime_statistic(built, tmp_path):
   config, _ = built
+  config = config.copy_and_resolve_references()
+  config.sanity.ties = config.sanity.dare = ()  # Task arithmetic covers the sanity path.
   result = run.run(config, tmp_path)
   saved = json.loads((tmp_path / "regime.json").read_text())
   assert list(saved["regime"]) == list(regime.TARGETS)
   assert saved["regime"] == json.loads(json.dumps(result["regime"]))
   assert (tmp_path / "regime.md").read_text().startswith("# synthvision: regime checks")
+  assert set(saved["sanity"]) == {"task_arithmetic"}
+  assert (tmp_path / "disentanglement_map.png").stat().st_size > 0

@@ -21,27 +21,38 @@ import numpy as np
 from mergejax import provenance, rules, sparsify
 from mergejax import task_vectors as tv_lib
 from mergejax.benchmarks.common import regime as regime_lib
+from mergejax.benchmarks.common import regime_plots
 from mergejax.benchmarks.synthvision import zoo as zoo_lib
 
 
 def reference_accuracies(zoo: zoo_lib.Zoo, mode: str) -> dict[str, Any]:
-  """Accuracies and entropies of θ0, every expert (on every task) and the multi-task model.
+  """Accuracies and entropies of θ0, the experts and the multi-task model.
 
   Returns:
     {"zero_shot": {split: acc [T]}, "zero_shot_entropy": {split: [T]},
-     "expert_matrix": {split: [T, T]} (expert i on task j), "expert_entropy": {split: [T, T]},
-     "experts": {split: diag}, "multitask": {split: [T]}, "multitask_entropy": {split: [T]}}.
+     "multitask": {split: [T]}, "multitask_entropy": {split: [T]}, "experts": {split: [T]}
+     (each expert on its own task), "expert_matrix" / "expert_entropy": {"val": [T, T]}
+     (expert i on task j; validation only, for the entropy-accuracy points)}.
   """
-  out: dict[str, Any] = {k: {} for k in ("zero_shot", "zero_shot_entropy", "expert_matrix")}
-  out.update({k: {} for k in ("expert_entropy", "experts", "multitask", "multitask_entropy")})
+  keys = ("zero_shot", "zero_shot_entropy", "multitask", "multitask_entropy", "experts")
+  out: dict[str, Any] = {k: {} for k in (*keys, "expert_matrix", "expert_entropy")}
   for split in ("val", "test"):
     out["zero_shot"][split], out["zero_shot_entropy"][split] = zoo.evaluate(zoo.base, split)
-    rows = [zoo.evaluate(e, split, mode) for e in zoo.experts[mode]]
-    out["expert_matrix"][split] = np.stack([r[0] for r in rows])
-    out["expert_entropy"][split] = np.stack([r[1] for r in rows])
-    out["experts"][split] = np.diag(out["expert_matrix"][split])
     out["multitask"][split], out["multitask_entropy"][split] = zoo.evaluate(zoo.multitask, split)
+  rows = [zoo.evaluate(e, "val", mode) for e in zoo.experts[mode]]
+  out["expert_matrix"]["val"] = np.stack([r[0] for r in rows])
+  out["expert_entropy"]["val"] = np.stack([r[1] for r in rows])
+  out["experts"]["val"] = np.diag(out["expert_matrix"]["val"])
+  out["experts"]["test"] = np.array(
+    [own_accuracy(zoo, e, t, "test", mode) for t, e in enumerate(zoo.experts[mode])]
+  )
   return out
+
+
+def own_accuracy(zoo: zoo_lib.Zoo, backbone, task: int, split: str, mode: str) -> float:
+  """Accuracy of `backbone` on one task's split (one compilation serves every task)."""
+  labels = getattr(zoo.data[zoo.tasks[task]], split).y
+  return float(np.mean(zoo.predict_task(backbone, task, split, mode) == labels))
 
 
 def measure_regime(
@@ -69,8 +80,12 @@ def measure_regime(
     sparsify.random_drop([v], jax.random.fold_in(key, t), rc.dare_density)[0]
     for t, v in enumerate(vectors)
   ]
-  trim_acc = [zoo.evaluate(tv_lib.apply(base, v), "val", mode)[0][t] for t, v in enumerate(trimmed)]
-  dare_acc = [zoo.evaluate(tv_lib.apply(base, v), "val", mode)[0][t] for t, v in enumerate(dropped)]
+  trim_acc = [
+    own_accuracy(zoo, tv_lib.apply(base, v), t, "val", mode) for t, v in enumerate(trimmed)
+  ]
+  dare_acc = [
+    own_accuracy(zoo, tv_lib.apply(base, v), t, "val", mode) for t, v in enumerate(dropped)
+  ]
   trim_gain = regime_lib.gain_retained(trim_acc, zs_val, ex_val)
   dare_gain = regime_lib.gain_retained(dare_acc, zs_val, ex_val)
 
@@ -151,6 +166,8 @@ def sanity_merges(
   }
   out = {}
   for rule, (extra, scales) in runs.items():
+    if not scales:
+      continue
     out[rule] = {}
     for scale in scales:
       merged = rules.merge(rule, base, experts, scale=float(scale), **extra)
@@ -190,6 +207,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
   sanity = sanity_merges(zoo, config, refs)
   sanity_seconds = time.time() - start
 
+  paths = {}
+  if config.plots:
+    m = measured["details"]["disentanglement_map"]
+    paths["disentanglement_map"] = str(
+      regime_plots.plot_disentanglement_map(
+        m["xi"], m["coeffs"], m["pair"], workdir / "disentanglement_map.png"
+      )
+    )
   record = provenance.record(config, seed=config.seed, started=started)
   zoo_info = {
     "key": zoo.key,
@@ -211,6 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
       "regime": round(regime_seconds, 2),
       "sanity": round(sanity_seconds, 2),
     },
+    "plots": paths,
     "provenance": record,
   }
   (workdir / "regime.json").write_text(json.dumps(result, indent=2, default=_to_json))
