@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mergejax.benchmarks.synthvision import data, render, tasks
+from mergejax.benchmarks.synthvision import data, pretraining, render, tasks
 
 _CFG = data.DataConfig(pretrain_size=24, train=40, val=20, test=20)
 
@@ -69,10 +69,10 @@ def test_handwritten_digit_sources_are_disjoint_across_splits():
 
 def test_pretraining_labels_cover_their_ranges(pool):
   assert pool.pretrain_x.shape == (24, 16, 16, 3) and pool.pretrain_x.dtype == np.uint8
-  assert set(pool.pretrain_y) == set(tasks.ATTRIBUTES)
-  for name, k in tasks.ATTRIBUTES.items():
+  assert set(pool.pretrain_y) == set(pretraining.ATTRIBUTES)
+  for name, k in pretraining.ATTRIBUTES.items():
     y = pool.pretrain_y[name]
-    assert y.min() >= tasks.IGNORE and y.max() < k, name
+    assert y.min() >= pretraining.IGNORE and y.max() < k, name
     assert (y >= 0).any(), name  # Every attribute is defined for some scenes.
   # Always defined: what every scene has.
   for name in ("category", "colour", "background", "count"):

@@ -20,10 +20,14 @@ from typing import Any
 import numpy as np
 
 from mergejax.benchmarks.common.data import Split, TaskData
+from mergejax.benchmarks.synthvision import pretraining
 from mergejax.benchmarks.synthvision import tasks as tasks_lib
 from mergejax.io import atomic
 
 SPLITS = ("train", "val", "test")
+# The generators' behaviour, part of the pool's cache key: bump it whenever a change to `render`,
+# `scene`, `pretraining` or `tasks` alters the images or labels drawn from a seed.
+GENERATOR_VERSION = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +67,7 @@ class Pool:
 
   Attributes:
     pretrain_x: uint8 [n, size, size, 3] pre-training images.
-    pretrain_y: {attribute: int32 [n]} pre-training labels (keys of `tasks.ATTRIBUTES`).
+    pretrain_y: {attribute: int32 [n]} pre-training labels (keys of `pretraining.ATTRIBUTES`).
     tasks: {task name: TaskData} with uint8 images; see `as_float` for model inputs.
     dropped: {task name: duplicates dropped from val / test}.
   """
@@ -138,7 +142,7 @@ def make_pool(cfg: DataConfig) -> Pool:
   unknown = [t for t in cfg.tasks if t not in tasks_lib.TASKS]
   if unknown:
     raise ValueError(f"Unknown task(s) {unknown}; known: {sorted(tasks_lib.TASKS)}.")
-  x, y = tasks_lib.pretraining_mixture(
+  x, y = pretraining.pretraining_mixture(
     split_rng(cfg.seed, "pretrain", "train"), cfg.pretrain_size, cfg.image_size, cfg.supersample
   )
   built, dropped = {}, {}
@@ -149,7 +153,7 @@ def make_pool(cfg: DataConfig) -> Pool:
 
 def pool_key(cfg: DataConfig) -> str:
   """A 16-hex-digit hash of the data config (the cache file's name)."""
-  record = {**dataclasses.asdict(cfg), "generator_version": tasks_lib.GENERATOR_VERSION}
+  record = {**dataclasses.asdict(cfg), "generator_version": GENERATOR_VERSION}
   blob = json.dumps(record, sort_keys=True, default=list)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -194,7 +198,7 @@ def _read(path: Path, cfg: DataConfig) -> Pool:
     }
     return Pool(
       pretrain_x=z["pretrain/x"],
-      pretrain_y={k: z[f"pretrain/y/{k}"] for k in tasks_lib.ATTRIBUTES},
+      pretrain_y={k: z[f"pretrain/y/{k}"] for k in pretraining.ATTRIBUTES},
       tasks=tasks,
       dropped={name: int(z[f"{name}/dropped"]) for name in cfg.tasks},
     )

@@ -1,9 +1,8 @@
-"""Procedural RGB scenes in NumPy: alpha masks (shapes, font glyphs, handwritten digits) placed
-with random affine transforms and colours over procedural backgrounds (gratings, checkers, ...).
+"""Alpha masks and their placement: shapes (signed-region predicates), glyphs of matplotlib's
+bundled TrueType fonts, scikit-learn's handwritten digits; `warp` / `paint` put one mask per
+example on a canvas with rotation, scale and translation (a jitted XLA gather).
 
-Everything is vectorized over a batch and drawn from an explicit `np.random.Generator`, so a scene
-is a pure function of the generator's state. Scenes are rendered at `supersample` times the output
-size and box-filtered down, which anti-aliases edges without a rendering library.
+Scenes (backgrounds, colours, the finishing filter) are built on these in `scene`.
 
 Coordinates: the canvas spans [-1, 1] on both axes (x to the right, y downwards); an object of
 `scale` s covers the square [cx - s, cx + s] x [cy - s, cy + s] before rotation.
@@ -65,24 +64,10 @@ SHAPES = {
   ),
 }
 
-# Background textures: each maps (rng, n, grid) -> pattern in [0, 1], shape [n, size, size].
-TEXTURES = (
-  "solid",
-  "gradient",
-  "grating",
-  "stripes",
-  "checker",
-  "dots",
-  "noise",
-  "plaid",
-  "rings",
-  "zigzag",
-)
-
 FONT_DIR = "fonts/ttf"
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def grid(size: int) -> tuple[np.ndarray, np.ndarray]:
   g = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)
   x, y = np.meshgrid(g, g)
   return x, y
@@ -100,9 +85,9 @@ def shape_atlas(names: tuple[str, ...], size: int = ATLAS_SIZE, oversample: int 
   Returns:
     float32 [len(names), size, size] in [0, 1].
   """
-  x, y = _grid(size * oversample)
+  x, y = grid(size * oversample)
   masks = [SHAPES[n](x, y).astype(np.float32) for n in names]
-  return np.stack([_box_down(m[None], oversample)[0] for m in masks])
+  return np.stack([box_down(m[None], oversample)[0] for m in masks])
 
 
 def font_path(name: str) -> str:
@@ -177,11 +162,11 @@ def handwritten_digits(size: int = ATLAS_SIZE) -> tuple[np.ndarray, np.ndarray]:
   # Pad by one pixel so the upsampled strokes do not touch the mask's border.
   images = np.pad(images, ((0, 0), (1, 1), (1, 1)))
   # Upsampling blurs the 8x8 strokes to about half coverage: stretch them back to full.
-  masks = _upsample(images, size)
+  masks = upsample(images, size)
   return np.clip(2.0 * masks, 0.0, 1.0), bunch.target.astype(np.int32)
 
 
-def _upsample(images: np.ndarray, size: int) -> np.ndarray:
+def upsample(images: np.ndarray, size: int) -> np.ndarray:
   """Bilinear resize of [n, h, h] images to [n, size, size] (centres aligned, 0 outside)."""
   h = images.shape[1]
   g = np.clip((np.arange(size) + 0.5) / size * h - 0.5 + 1, 0, h + 0.999)
@@ -200,7 +185,7 @@ _CHUNK = 2048
 def _warp_alpha(flat, idx, scale, angle, cx, cy, aspect, *, size, atlas_side):
   # Inverse transform of each canvas pixel into mask coordinates in [-1, 1], then bilinear
   # sampling of the mask; a one-pixel zero border makes "outside the mask" a clip.
-  x, y = (jnp.asarray(g) for g in _grid(size))
+  x, y = (jnp.asarray(g) for g in grid(size))
   col = lambda v: v[:, None, None]
   dx, dy = x[None] - col(cx), y[None] - col(cy)
   c, s = jnp.cos(col(angle)), jnp.sin(col(angle))
@@ -320,137 +305,8 @@ def paint(
   return out
 
 
-def texture(
-  kind: str, rng: np.random.Generator, n: int, size: int, freq: tuple[float, float] = (1.5, 3.0)
-) -> np.ndarray:
-  """Draws `n` random instances of a background pattern (random orientation, phase, frequency).
-
-  Args:
-    kind: one of `TEXTURES`.
-    rng: the generator (its state advances).
-    n: number of patterns.
-    size: side in pixels.
-    freq: range of the spatial frequency, in cycles per canvas width.
-
-  Returns:
-    float32 [n, size, size] in [0, 1].
-  """
-  x, y = _grid(size)
-  x, y = x[None], y[None]
-  col = lambda v: np.asarray(v, np.float32)[:, None, None]
-  phi = col(rng.uniform(0, np.pi, n))
-  phase = col(rng.uniform(0, 2 * np.pi, n))
-  along = np.cos(phi) * x + np.sin(phi) * y
-  across = -np.sin(phi) * x + np.cos(phi) * y
-  freq = col(rng.uniform(*freq, n))
-  if kind == "solid":
-    out = np.zeros((n, size, size))
-  elif kind == "gradient":
-    out = (along + 1.5) / 3
-  elif kind == "grating":
-    out = 0.5 + 0.5 * np.sin(np.pi * freq * along + phase)
-  elif kind == "stripes":
-    out = (np.sin(np.pi * freq * along + phase) > 0).astype(np.float32)
-  elif kind == "checker":
-    out = (np.sin(np.pi * freq * along + phase) * np.sin(np.pi * freq * across) > 0).astype(
-      np.float32
-    )
-  elif kind == "dots":
-    period = 2 / (freq + 1)
-    du = (along - phase / 10) % period - period / 2
-    dv = (across + phase / 10) % period - period / 2
-    out = (du**2 + dv**2 < (0.3 * period) ** 2).astype(np.float32)
-  elif kind == "noise":
-    coarse = rng.uniform(0, 1, (n, 5, 5))
-    out = _upsample(coarse, size)
-    out = (out - out.min((1, 2), keepdims=True)) / (np.ptp(out, (1, 2), keepdims=True) + 1e-6)
-  elif kind == "plaid":
-    out = 0.25 * (2 + np.sin(np.pi * freq * along + phase) + np.sin(np.pi * freq * across - phase))
-  elif kind == "rings":
-    ox, oy = col(rng.uniform(-0.6, 0.6, n)), col(rng.uniform(-0.6, 0.6, n))
-    r = np.sqrt((x - ox) ** 2 + (y - oy) ** 2)
-    out = 0.5 + 0.5 * np.sin(np.pi * 1.5 * freq * r + phase)
-  elif kind == "zigzag":
-    tri = np.abs(((across * freq * 1.5 + phase) % 2) - 1)
-    out = (np.sin(np.pi * freq * (along + 0.35 * tri)) > 0).astype(np.float32)
-  else:
-    raise ValueError(f"Unknown texture {kind!r}; known: {TEXTURES}.")
-  return np.broadcast_to(out, (n, size, size)).astype(np.float32)
-
-
-def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Vectorized HSV -> RGB (all in [0, 1]); returns [..., 3] float32."""
-  from matplotlib.colors import hsv_to_rgb as _hsv_to_rgb
-
-  return _hsv_to_rgb(np.stack([h % 1.0, s, v], -1)).astype(np.float32)
-
-
-def random_colours(rng: np.random.Generator, n: int, *, value=(0.55, 1.0), sat=(0.5, 1.0)):
-  """Returns (rgb [n, 3], hue [n]) of random saturated colours."""
-  hue = rng.uniform(0, 1, n)
-  rgb = hsv_to_rgb(hue, rng.uniform(*sat, n), rng.uniform(*value, n))
-  return rgb, hue
-
-
-def backgrounds(
-  rng: np.random.Generator,
-  kinds: np.ndarray,
-  size: int,
-  names=TEXTURES,
-  contrast: tuple[float, float] = (0.6, 1.0),
-  freq: tuple[float, float] = (1.5, 3.0),
-) -> np.ndarray:
-  """Coloured backgrounds: pattern p mixes two dim colours as c1 (1 - p) + c2 p.
-
-  c2 = c1 + m (c - c1) for a random colour c and m drawn from `contrast`: a low contrast keeps
-  the texture a mild nuisance behind objects, a high one makes it the content.
-
-  Args:
-    rng: the generator.
-    kinds: [n] indices into `names`.
-    size: side in pixels.
-    names: texture names.
-    contrast: range of the mixing weight m.
-    freq: range of the patterns' spatial frequency (cycles per canvas width).
-
-  Returns:
-    float32 [n, size, size, 3].
-  """
-  n = len(kinds)
-  pattern = np.zeros((n, size, size), np.float32)
-  for k, name in enumerate(names):
-    sel = np.flatnonzero(kinds == k)
-    if len(sel):
-      pattern[sel] = texture(name, rng, len(sel), size, freq)
-  c1, _ = random_colours(rng, n, value=(0.05, 0.45), sat=(0.0, 0.8))
-  c, _ = random_colours(rng, n, value=(0.3, 0.7), sat=(0.0, 0.8))
-  m = rng.uniform(*contrast, (n, 1))
-  c2 = c1 + m * (c - c1)
-  p = pattern[..., None]
-  return c1[:, None, None] * (1 - p) + c2[:, None, None] * p
-
-
-def finish(rng: np.random.Generator, canvas: np.ndarray, supersample: int) -> np.ndarray:
-  """Box-filters the supersampled canvas down, jitters contrast/brightness, adds noise.
-
-  Args:
-    rng: the generator.
-    canvas: float [n, H, W, 3] with H = W = size * supersample.
-    supersample: the box filter's side.
-
-  Returns:
-    uint8 [n, H / supersample, W / supersample, 3].
-  """
-  img = _box_down(canvas, supersample)
-  n = len(img)
-  contrast = rng.uniform(0.75, 1.15, (n, 1, 1, 1))
-  bright = rng.uniform(-0.08, 0.08, (n, 1, 1, 1))
-  mean = img.mean(axis=(1, 2, 3), keepdims=True)
-  img = (img - mean) * contrast + mean + bright + rng.normal(0, 0.02, img.shape)
-  return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
-
-
-def _box_down(x: np.ndarray, f: int) -> np.ndarray:
+def box_down(x: np.ndarray, f: int) -> np.ndarray:
+  """Averages f x f pixel blocks of [n, H, W, ...] images (the anti-aliasing box filter)."""
   if f == 1:
     return x
   n, h, w = x.shape[:3]

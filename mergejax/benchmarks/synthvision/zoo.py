@@ -37,8 +37,8 @@ from mergejax import finetune
 from mergejax.benchmarks.common import zoo_cache
 from mergejax.benchmarks.common.data import TaskData
 from mergejax.benchmarks.synthvision import data as data_lib
+from mergejax.benchmarks.synthvision import pretraining, training
 from mergejax.benchmarks.synthvision import tasks as tasks_lib
-from mergejax.benchmarks.synthvision import training
 from mergejax.models import prototype
 from mergejax.models.resmlp import ResMLPBackbone
 from mergejax.models.vit import ViTBackbone
@@ -133,7 +133,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, pool: data_lib.Pool, *,
     build_backbone(config.zoo),
     pool.pretrain_x,
     pool.pretrain_y,
-    tasks_lib.ATTRIBUTES,
+    pretraining.ATTRIBUTES,
     _train_config(config.zoo.pretrain),
     label_smoothing=config.zoo.pretrain.label_smoothing,
     seed=config.seed,
