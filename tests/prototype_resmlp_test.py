@@ -52,3 +52,25 @@ def test_prototype_head_padding_and_centering():
 def test_prototype_head_needs_a_shot_per_class():
   with pytest.raises(ValueError, match="needs a shot"):
     prototype.prototype_head(np.ones((2, 3)), np.array([0, 0]), num_classes=2)
+
+
+@pytest.mark.parametrize("mode", ["standard", "sam", "asam", "linearized"])
+def test_prototype_classifier_fine_tunes_in_every_mode_with_the_head_frozen(mode):
+  from mergejax import finetune
+  from mergejax.benchmarks.common.data import Split
+
+  rng = np.random.default_rng(0)
+  data = Split(x=rng.random((32, 4, 4, 3)).astype(np.float32), y=rng.integers(0, 3, 32))
+  model = prototype.PrototypeClassifier(
+    backbone=resmlp.ResMLPBackbone(width=8, depth=1), num_classes=4
+  )
+  backbone = model.init(jax.random.key(0), jnp.asarray(data.x[:1]))["params"]["backbone"]
+  feats = model.backbone.apply({"params": backbone}, jnp.asarray(data.x))
+  head = prototype.prototype_head(feats, data.y, num_classes=3, pad_to=4)
+  cfg = finetune.TrainConfig(
+    steps=4, batch_size=8, learning_rate=1e-2, warmup_steps=1, chunk=4, decay_to_init=True
+  )
+  out, losses = finetune.train(model, {"backbone": backbone, "head": head}, data, cfg, mode=mode)
+  assert np.all(np.isfinite(losses))
+  assert out["head"] is head
+  assert not np.allclose(out["backbone"]["embed"]["kernel"], backbone["embed"]["kernel"])
