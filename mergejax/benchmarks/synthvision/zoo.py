@@ -9,16 +9,19 @@ Phases of `build_zoo`:
    rate, weight decay towards θ0 by default);
 4. train the multi-task reference from θ0 on all tasks, each through its own frozen head.
 
-The zoo is cached by `mergejax.benchmarks.common.zoo_cache` under a hash of (data config, zoo
-config, seed); the data pool is cached beside it (`data.load_or_make_pool`).
+Three cache entries under `config.cache_dir` (`zoo_keys`): the data pool (`data.load_or_make_pool`,
+keyed by the data config and the generators' version), the pre-trained backbone (keyed by pool,
+model, pre-training recipe, seed) and the rest (keyed by everything), so a new fine-tuning recipe
+reuses the pre-trained backbone.
 
 What a runner needs:
 
-    zoo = load_or_build(config)                 # config: configs/synthvision.py
-    data = zoo.data                             # {task: TaskData}, float32 inputs
-    base, experts = zoo.base, zoo.experts[mode] # backbones (what gets merged)
-    apply_fn = zoo.apply_fn(mode)               # logits = apply_fn(backbone, x, task_index)
-    acc, entropy = zoo.evaluate(backbone, "val", mode)   # per task, all tasks in one call
+    zoo = load_or_build(config)                  # config: configs/synthvision.py
+    base, experts = zoo.base, zoo.experts[mode]  # backbones: what gets merged
+    apply_fn = zoo.apply_fn(mode)                # logits = apply_fn(backbone, x, task_index)
+    splits = zoo.learned_splits()                # {"train" | "validation" | "test": per task}
+    acc, entropy = zoo.evaluate(backbone, "val", mode)  # per task, all tasks in one call
+    x, y = zoo.split("test")                     # [T, n, 16, 16, 3] float32, [T, n]
 """
 
 import dataclasses
