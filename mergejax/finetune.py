@@ -14,6 +14,10 @@ Four fine-tuning modes, all with the classification head frozen (only the backbo
 
 Pre-training trains backbone and head together on a task mixture; the head is then frozen and
 shared by every expert, like CLIP's zero-shot text head.
+
+Weight decay is AdamW's decoupled decay towards 0 by default. With `decay_to_init` it pulls
+towards the weights the run started from instead (L2-SP, Li et al. 2018): decay towards 0 adds
+the same -c·θ0 component to every expert's task vector, decay towards θ0 adds none.
 """
 
 import functools
@@ -44,6 +48,7 @@ class TrainConfig(NamedTuple):
     rho: SAM / ASAM neighbourhood radius (METHODS.md: SAM 0.05, ASAM 0.5).
     asam_eta: ASAM's offset in T = |w| + eta.
     chunk: steps fused into one jitted `lax.scan` call (one progress-bar tick).
+    decay_to_init: decay towards the initial weights (θ0 when fine-tuning) rather than 0.
   """
 
   steps: int = 500
@@ -54,6 +59,7 @@ class TrainConfig(NamedTuple):
   rho: float = 0.05
   asam_eta: float = 0.01
   chunk: int = 50
+  decay_to_init: bool = False
 
 
 def make_apply(
@@ -112,6 +118,40 @@ def scale_by_adaptive_sharpness(eta: float = 0.01) -> optax.GradientTransformati
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
+class DecayTowardsInitState(NamedTuple):
+  """The weights at `init`: what `add_decayed_weights_towards_init` decays towards."""
+
+  anchor: Params
+
+
+def add_decayed_weights_towards_init(weight_decay: float) -> optax.GradientTransformation:
+  """Adds `weight_decay * (params - params_at_init)` to the updates (decoupled L2-SP).
+
+  In place of `optax.add_decayed_weights` inside AdamW's chain, it pulls the weights towards the
+  point the run started from rather than towards 0; with initial weights 0 the two agree.
+
+  Args:
+    weight_decay: the decay rate (multiplied by the learning rate downstream, as in AdamW).
+
+  Returns:
+    An optax transformation that needs `params` in `update`; its state holds a copy of the
+    initial params.
+  """
+
+  def init_fn(params):
+    return DecayTowardsInitState(anchor=jax.tree.map(jnp.array, params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("add_decayed_weights_towards_init needs params.")
+    updates = jax.tree.map(
+      lambda g, p, a: g + weight_decay * (p - a), updates, params, state.anchor
+    )
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_optimizer(cfg: TrainConfig, *, mode: str = "standard") -> optax.GradientTransformation:
   """AdamW with warm-up + cosine decay, wrapped in SAM / ASAM for those modes.
 
@@ -128,7 +168,15 @@ def make_optimizer(cfg: TrainConfig, *, mode: str = "standard") -> optax.Gradien
     warmup_steps=cfg.warmup_steps,
     decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
   )
-  opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  if cfg.decay_to_init:
+    # optax.adamw's chain with the decay term replaced.
+    opt = optax.chain(
+      optax.scale_by_adam(),
+      add_decayed_weights_towards_init(cfg.weight_decay),
+      optax.scale_by_learning_rate(schedule),
+    )
+  else:
+    opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   if mode == "sam":
     adv = optax.chain(optax.contrib.normalize(), optax.sgd(cfg.rho))
   elif mode == "asam":

@@ -109,3 +109,39 @@ def test_linearized_forward_is_the_first_order_taylor_model():
   assert change > 1e-3 and error < 0.05 * change
   with pytest.raises(ValueError, match="base_backbone"):
     finetune.make_apply(model, mode="linearized")
+
+
+def test_decay_towards_init_pulls_back_to_the_start():
+  # Zero gradients: only the decay acts, so each step moves p by -lr * wd * (p - p0).
+  tx = finetune.add_decayed_weights_towards_init(0.5)
+  p0 = {"w": jnp.array([1.0, -2.0])}
+  state = tx.init(p0)
+  p = {"w": jnp.array([3.0, -2.0])}
+  updates, _ = tx.update({"w": jnp.zeros(2)}, state, p)
+  np.testing.assert_allclose(updates["w"], [1.0, 0.0])  # 0.5 * (p - p0)
+
+
+@pytest.mark.parametrize("mode", ["standard", "sam"])
+def test_decay_to_init_from_zero_weights_is_adamw(mode):
+  # With initial weights 0 the anchor is 0, so the chain is AdamW's exactly.
+  model, params, data = _setup()
+  params = {"backbone": jax.tree.map(jnp.zeros_like, params["backbone"]), "head": params["head"]}
+  cfg = _cfg(weight_decay=0.1, rho=0.05)
+  a, _ = finetune.train(model, params, data, cfg, mode=mode)
+  b, _ = finetune.train(model, params, data, cfg._replace(decay_to_init=True), mode=mode)
+  chex.assert_trees_all_close(a, b, atol=1e-7)
+
+
+def test_decay_to_init_adds_no_shrink_component():
+  # Decay towards 0 moves the backbone along -θ0 (a component shared by every expert); decay
+  # towards θ0 does not, so its task vector has the smaller component along -θ0.
+  model, params, data = _setup()
+  cfg = _cfg(weight_decay=1.0, learning_rate=1e-2, steps=8)
+  to_zero, _ = finetune.train(model, params, data, cfg)
+  to_init, _ = finetune.train(model, params, data, cfg._replace(decay_to_init=True))
+  base = params["backbone"]
+  flat = lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)])
+  shrink = lambda out: float(
+    jnp.dot(flat(out["backbone"]) - flat(base), -flat(base)) / jnp.linalg.norm(flat(base))
+  )
+  assert shrink(to_zero) > shrink(to_init)

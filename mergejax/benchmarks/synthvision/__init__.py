@@ -1,0 +1,1 @@
+"""The synthvision benchmark: procedural RGB tasks in the regime where model merging is studied."""
