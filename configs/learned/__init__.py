@@ -12,15 +12,19 @@ import pkgutil
 import types
 
 
-def recipes() -> dict[str, types.ModuleType]:
-  """Returns {module name: recipe module} for every module of this package, in table order.
+def recipes(package: str = __name__) -> dict[str, types.ModuleType]:
+  """Returns {module name: recipe module} for every module of a package, in table order.
+
+  Args:
+    package: the package to search (this one by default); modules named "_*" are skipped.
 
   Returns:
     The recipes, ordered by (`table_rank`, module name).
   """
+  path = importlib.import_module(package).__path__
   modules = {
-    info.name: importlib.import_module(f"{__name__}.{info.name}")
-    for info in pkgutil.iter_modules(__path__)
+    info.name: importlib.import_module(f"{package}.{info.name}")
+    for info in pkgutil.iter_modules(path)
     if not info.name.startswith("_")
   }
   rank = {name: module.get_config("runlocal").table_rank for name, module in modules.items()}
