@@ -1,7 +1,8 @@
 r"""AdaMerging, layer-wise (Yang et al., ICLR 2024): the defaults of every learned-merging recipe.
 
 Entropy of the merged model's predictions on unlabeled *test* inputs (transductive), one Λ per
-task vector and leaf, init 0.3, clamped to [0, 1]; Adam lr 1e-3, 500 steps, batch 16 per task.
+task vector and leaf, init 0.3, clamped to [0, 1] inside the forward pass (the raw Λ stays free);
+Adam lr 1e-3, 500 steps, two batches of 16 per task and step (the reference code's recipe).
 
   python launch/learn_merge.py --config=configs/learned/adamerging.py:runlocal \
       --workdir=/tmp/adamerging
@@ -42,7 +43,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # matched against whole "a/b/c" leaf paths); clamp bounds, applied in the forward pass
   # ("forward") or by projecting Λ after each update ("project").
   config.coefficients = dict(
-    granularity="layer", patterns=(), init=0.3, clamp=(0.0, 1.0), clamp_mode="project"
+    granularity="layer", patterns=(), init=0.3, clamp=(0.0, 1.0), clamp_mode="forward"
   )
   # Objective (mergejax.learned.objectives.make): `name` plus that objective's own options.
   config.objective = dict(name="entropy")
@@ -53,10 +54,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # combine per-task gradients by their min-norm convex combination instead of summing them.
   config.train = dict(
     batch_size=16,
-    batches_per_step=1,
+    batches_per_step=2,
     steps=20 if runlocal else 500,
     epochs=0,
-    epoch_length="largest",
+    epoch_length="smallest",
     eval_every=-1,
     eval_batch_size=512,
     log_every=1 if runlocal else 10,
