@@ -42,7 +42,7 @@ def learn_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
   # 3. Test, once, on the selected model.
   evaluate = evaluation.make_evaluator(raw.apply_fn).metrics
   accuracy = [m["accuracy"] for m in evaluate(result.params, raw.test)]
-  reference = [evaluate(e, [raw.test[t]])[0]["accuracy"] for t, e in enumerate(raw.experts)]
+  reference = [evaluate(e, raw.test)[t]["accuracy"] for t, e in enumerate(raw.experts)]
   results = {
     "method": config.method,
     "label": config.label,

@@ -103,6 +103,4 @@ class CompileCache:
 def _to_json(value: Any) -> Any:
   if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
     return value.to_dict()
-  if isinstance(value, tuple | list):
-    return list(value)
   raise TypeError(f"Cache keys must be plain config values, got {type(value).__name__}.")
