@@ -35,13 +35,8 @@ from absl import logging
 from mergejax.io import checkpoint
 from mergejax.learned import evaluation, objectives
 from mergejax.learned.parametrizations import Parametrization
-from mergejax.learned.step import (
-  Augment,
-  Compiled,
-  TrainState,
-  make_compiled,
-  steps_per_epoch,
-)
+from mergejax.learned.problem import Augment
+from mergejax.learned.step import Compiled, TrainState, make_compiled, steps_per_epoch
 
 Params = Any
 Coeffs = Any

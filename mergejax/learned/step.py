@@ -19,13 +19,12 @@ import optax
 
 from mergejax.learned import evaluation, mgda, objectives
 from mergejax.learned.parametrizations import Parametrization
+from mergejax.learned.problem import Augment
 
 Params = Any
 Coeffs = Any
 Batch = dict[str, jax.Array]
 ApplyFn = Callable[[Params, jax.Array, int], jax.Array]
-# x' = augment(key, x, view) with view "weak" or "strong" (static); jit-compatible.
-Augment = Callable[[jax.Array, jax.Array, str], jax.Array]
 
 EPOCH_LENGTHS = ("smallest", "largest")
 AUGMENT_STREAM = 0x7FFFFFFF  # fold_in constant of the augmentation keys; no task index reaches it.
