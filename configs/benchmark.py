@@ -6,34 +6,15 @@ r"""The built-in offline benchmark: 8 digit tasks, one pre-trained backbone, exp
 
 `arg` is a comma-separated list of switches: "smoke" (alias "runlocal") shrinks everything so the
 zoo builds in seconds (tests, notebook); "vit" swaps the MLP for the small ViT; "nolearned" turns
-the learned methods (AdaMerging, aTLAS, DV-BASI) off. Three seeds, mean ± std:
+the learned methods (AdaMerging, aTLAS, DV-BASI) off. The learned methods are every recipe in
+configs/learned/ (a new recipe file is a new row, in `table_rank` order). Three seeds, mean ± std:
 
   bash launch/benchmark_seeds.sh            # seeds 0 1 2 into results/benchmark_seeds
 """
 
 import ml_collections
 
-from configs import (
-  adamerging,
-  adamerging_plus,
-  adamerging_taskwise,
-  atlas,
-  atlas_unsupervised,
-  dv_basi,
-  dv_basi_unsupervised,
-)
-
-# Learned methods, in table order: {name: configs module}. Their recipes are the papers' (see
-# each module); the benchmark only fills in the data and the seed.
-LEARNED_CONFIGS = {
-  "adamerging_taskwise": adamerging_taskwise,
-  "adamerging": adamerging,
-  "adamerging_plus": adamerging_plus,
-  "atlas": atlas,
-  "atlas_unsupervised": atlas_unsupervised,
-  "dv_basi": dv_basi,
-  "dv_basi_unsupervised": dv_basi_unsupervised,
-}
+from configs import learned as learned_configs
 
 # λ grids. Task arithmetic follows METHODS.md ({0, 0.05, ..., 1}); rules whose merged vector is a
 # mean over tasks (TIES's disjoint mean) need λ around 1 and get a wider grid.
@@ -146,8 +127,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # unsupervised: transductive, marked † in the table) and selected on validation only.
   config.learned = ml_collections.ConfigDict()
   config.learned.enabled = "nolearned" not in switches
+  # Every recipe of configs/learned/, in table order (its `table_rank`); its row is its `label`.
+  recipes = learned_configs.recipes()
   # Which methods run, in table order (keys of config.learned.methods).
-  config.learned.run = tuple(LEARNED_CONFIGS)
+  config.learned.run = tuple(recipes)
   # Seed offsets: each learned method runs once per offset with seed config.seed + offset (batch
   # order, DARE masks); with several, its row reports the mean and the std over them.
   config.learned.seeds = (0,)
@@ -156,14 +139,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Method whose Λ heatmap and curves are plotted (DV-BASI's trajectory is plotted whenever
   # "dv_basi" runs).
   config.learned.plot_method = "adamerging"
-  # One full method config per learned method ("runlocal" recipes for the smoke run), so any
-  # field can be overridden from the command line, e.g.
-  # --config.learned.methods.adamerging.train.steps=100.
+  # One full recipe per learned method ("runlocal" recipes for the smoke run), so any field can
+  # be overridden from the command line, e.g. --config.learned.methods.adamerging.train.steps=100.
   config.learned.methods = ml_collections.ConfigDict(
-    {
-      name: module.get_config("runlocal" if smoke else "")
-      for name, module in LEARNED_CONFIGS.items()
-    }
+    {name: module.get_config("runlocal" if smoke else "") for name, module in recipes.items()}
   )
   config.plots = True
   return config

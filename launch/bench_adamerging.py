@@ -3,7 +3,7 @@ r"""Benchmark (not a test): layer-wise AdaMerging, fused jitted step vs a straig
 Both learn the same Λ (layer-wise, entropy, Adam 1e-3, clamp [0, 1]) for a synthetic flax MLP
 classifier (8 tasks, ~345k backbone parameters, batch 16 per task, random data):
 
-* fused: `mergejax.learned.loop.make_train_step`, one jitted call per step (sample batches, build
+* fused: `mergejax.learned.step.make_train_step`, one jitted call per step (sample batches, build
   θ(Λ) once, forward all tasks, loss, backward, Adam, clamp);
 * straightforward: θ(Λ) built outside any jit (op by op), a Python loop over tasks calling a
   jitted forward, `jax.value_and_grad` around it, the optax update outside the jit.
@@ -29,12 +29,10 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from mergejax import losses
 from mergejax.benchmarks import synthetic
-from mergejax.learned import (
-  coefficients,
-  loop,
-  objectives,
-)
+from mergejax.learned import objectives, parametrizations
+from mergejax.learned import step as step_lib
 
 _IMPL = flags.DEFINE_enum("impl", None, ["fused", "straightforward"], "Child mode: run one.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Steps per timed window.")
@@ -69,9 +67,10 @@ def _child(impl: str) -> dict:
   base = problem.base
   basis = [jax.tree.map(jnp.subtract, e, base) for e in problem.experts]
   data = tuple({"x": d["x"]} for d in problem.test)
-  blocks = coefficients.make_blocks(base, granularity="layer")
+  blocks = parametrizations.make_blocks(base, granularity="layer")
+  scaling = parametrizations.blockwise_scaling(blocks, init=0.3, clamp=(0.0, 1.0))
   opt = optax.adam(1e-3)
-  coeffs = coefficients.init_coefficients(blocks, len(basis), 0.3)
+  coeffs = scaling.init(base, basis)
   jax.block_until_ready((base, basis, data, coeffs))
   del problem  # Keep only what the step needs: θ0, the basis (once), the data.
   baseline_rss = _max_rss_mib()
@@ -84,21 +83,15 @@ def _child(impl: str) -> dict:
   }
 
   if impl == "fused":
-    step = loop.make_train_step(
-      problem_apply := _apply_fn(),
-      objectives.get_objective("entropy"),
-      blocks,
-      opt,
-      batch_size=_BATCH.value,
-      clamp=(0.0, 1.0),
+    step = step_lib.make_train_step(
+      _apply_fn(), scaling, objectives.entropy(), opt, batch_size=_BATCH.value
     )
-    del problem_apply
-    state = {
-      "coeffs": coeffs,
-      "opt_state": opt.init(coeffs),
-      "step": jnp.zeros([], jnp.int32),
-      "rng": jax.random.key_data(jax.random.key(0)),
-    }
+    state = step_lib.TrainState(
+      coeffs=coeffs,
+      opt_state=opt.init(coeffs),
+      step=jnp.zeros([], jnp.int32),
+      rng=jax.random.key_data(jax.random.key(0)),
+    )
     compiled = step.lower(state, base, basis, data).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -121,10 +114,10 @@ def _child(impl: str) -> dict:
 
     def loss_fn(coeffs, batches):
       # Merge outside any jit: one dispatched op per leaf and basis vector.
-      params = coefficients.merge_with_coefficients(coeffs, base, basis, blocks)
+      params = parametrizations.merge_blockwise(coeffs, base, basis, blocks)
       total = 0.0
       for t, x in enumerate(batches):  # Tasks in a Python loop.
-        total = total + objectives.entropy(forward(params, x, t))
+        total = total + losses.entropy(forward(params, x, t))
       return total
 
     def run(state, n):

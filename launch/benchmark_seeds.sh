@@ -19,5 +19,5 @@ for seed in "${seeds[@]}"; do
     --workdir="${workdir}/seed_${seed}" "$@"
   dirs+=("${workdir}/seed_${seed}")
 done
-.venv/bin/python -c 'import sys; sys.path.insert(0, "."); from mergejax import benchmark
+.venv/bin/python -c 'import sys; from mergejax.benchmarks.digits import run as benchmark
 benchmark.write_seeds_summary(sys.argv[1], sys.argv[2:])' "${workdir}" "${dirs[@]}"

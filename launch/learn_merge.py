@@ -1,17 +1,18 @@
-"""launch/learn_merge.py: learned merging (AdaMerging, aTLAS, DV-BASI). The work lives in
-mergejax.learned.methods.
+"""launch/learn_merge.py: learned merging (AdaMerging, aTLAS, DV-BASI) on the synthetic problem.
+The work lives in mergejax.benchmarks.synthetic_run.
 
-  python launch/learn_merge.py --config=configs/adamerging.py:runlocal --workdir=/tmp/adamerging
+  python launch/learn_merge.py --config=configs/learned/adamerging.py:runlocal \
+      --workdir=/tmp/adamerging
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mergejax.learned import methods
+from mergejax.benchmarks import synthetic_run
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Path to a configs/*.py learned-merging file.", lock_config=True
+  "config", None, "Path to a configs/learned/*.py recipe.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output (and resume) directory.")
 
@@ -20,7 +21,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   logging.info("JAX devices: %s", jax.devices())
-  methods.learn_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  synthetic_run.learn_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 import tqdm
 
+from mergejax import losses
 from mergejax.tree import Params
 
 MODES = ("standard", "sam", "asam", "linearized")
@@ -188,19 +189,6 @@ def make_optimizer(cfg: TrainConfig, *, mode: str = "standard") -> optax.Gradien
   return optax.contrib.sam(opt, adv, sync_period=2, opaque_mode=True)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels.
-
-  Args:
-    logits: [n, classes].
-    labels: [n] integer class ids.
-
-  Returns:
-    A scalar.
-  """
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def make_train_step(
   model: nn.Module,
   opt: optax.GradientTransformation,
@@ -228,7 +216,7 @@ def make_train_step(
       logits = _apply_linearized(model, trainable, frozen["head"], x, frozen["base"])
     else:
       logits = _apply(model, trainable, frozen["head"], x)
-    return cross_entropy(logits, y)
+    return losses.cross_entropy(logits, y)
 
   def step(trainable, opt_state, frozen, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, y)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import benchmark as benchmark_config
+from configs import learned as learned_configs
 from mergejax.benchmarks.common import plots
 from mergejax.benchmarks.digits import run as benchmark
 
@@ -16,7 +17,7 @@ def test_smoke_run(tmp_path):
   out = benchmark.run_benchmark(config, tmp_path / "work")
   rows, tasks = out["rows"], out["tasks"]
   modes, rules, learned = config.zoo.modes, config.rules, config.learned.run
-  assert config.learned.enabled and len(learned) == len(benchmark.LEARNED_LABELS)
+  assert config.learned.enabled and len(learned) == len(learned_configs.recipes())
   assert len(rows) == 2 + len(modes) * (1 + len(rules) + len(learned))
   methods = {r["method"] for r in rows}
   assert {"pre-trained", "multi-task (joint training)", "fine-tuned (individual)"} <= methods
@@ -30,7 +31,7 @@ def test_smoke_run(tmp_path):
   # transductive, and their label carries the mark.
   transductive = {"adamerging_taskwise", "adamerging", "adamerging_plus", "dv_basi_unsupervised"}
   for name in learned:
-    label = benchmark.LEARNED_LABELS[name]
+    label = config.learned.methods[name].label  # The recipe names its row.
     expected = name in transductive
     assert (config.learned.methods[name].adapt_split == "test") == expected, name
     if expected:
@@ -63,7 +64,8 @@ def test_smoke_run(tmp_path):
   assert payload["provenance"]["seed"] == config.seed
   assert payload["provenance"]["wall_time_s"] > 0
   assert not payload["zoo"]["cache_hit"]
-  assert payload["learned"]["dv_basi (standard)"]["best_iteration"] >= 0
+  dv = payload["learned"]["dv_basi (standard)"]
+  assert dv["selected"] == {"m*": dv["best_iteration"]} and len(dv["trajectory"]) >= 1
 
   # The second run loads the zoo from the cache; one learned method over two seeds.
   config.plots = False

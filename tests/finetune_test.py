@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import finetune, models
+from mergejax import finetune, losses, models
 from mergejax.benchmarks.common.data import Split
 
 
@@ -44,7 +44,7 @@ def test_one_step_lowers_the_loss_on_its_batch():
   opt = finetune.make_optimizer(cfg)
   step = jax.jit(finetune.make_train_step(model, opt, train_head=True))
   x, y = jnp.asarray(data.x), jnp.asarray(data.y)
-  loss_fn = lambda p: finetune.cross_entropy(model.apply({"params": p}, x), y)
+  loss_fn = lambda p: losses.cross_entropy(model.apply({"params": p}, x), y)
   new, _, loss = step(params, opt.init(params), None, x, y)
   np.testing.assert_allclose(loss, loss_fn(params), rtol=1e-6)
   # With no warm-up the first step runs at the peak learning rate and descends on its batch.

@@ -1,4 +1,5 @@
-"""Tests for mergejax.learned.loop: sampling, the step, early stopping, bit-identical resume."""
+"""Tests for mergejax.learned.loop and step: sampling, the step, early stopping, bit-identical
+resume, and parametrizations that plug into the loop unchanged."""
 
 import os
 import pathlib
@@ -15,13 +16,10 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from configs import adamerging
+from configs.learned import adamerging
 from mergejax.benchmarks import synthetic
-from mergejax.learned import (
-  coefficients,
-  loop,
-  objectives,
-)
+from mergejax.learned import loop, objectives, parametrizations
+from mergejax.learned import step as step_lib
 
 _SAVED_FLAG = None
 
@@ -55,8 +53,40 @@ def _config(**train):
   return config
 
 
+def _basis(problem):
+  return [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
+
+
+def _train(problem, config, basis, parametrization, data, **kwargs):
+  return loop.train(
+    problem.apply_fn,
+    problem.base,
+    basis,
+    data,
+    config,
+    parametrization=parametrization,
+    objective=objectives.make(config.objective),
+    optimizer=step_lib.make_optimizer(config.optim),
+    **kwargs,
+  )
+
+
+def _scaling(problem, config):
+  cc = config.coefficients
+  blocks = parametrizations.make_blocks(problem.base, granularity=cc.granularity)
+  return parametrizations.blockwise_scaling(blocks, init=cc.init, clamp=tuple(cc.clamp))
+
+
+def _state(coeffs, opt):
+  return step_lib.TrainState(
+    coeffs=jnp.array(coeffs, copy=True),  # Fresh copies: the step donates its state.
+    opt_state=opt.init(coeffs),
+    step=jnp.zeros([], jnp.int32),
+    rng=jax.random.key_data(jax.random.key(0)),
+  )
+
+
 def _run(problem, config, workdir=None, kill_at=None, sigkill=False):
-  basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
 
   def on_step(step):
     if step == kill_at:
@@ -64,12 +94,12 @@ def _run(problem, config, workdir=None, kill_at=None, sigkill=False):
         os.kill(os.getpid(), signal.SIGKILL)
       raise _Killed()
 
-  return loop.learn_coefficients(
-    problem.apply_fn,
-    problem.base,
-    basis,
-    problem.test,
+  return _train(
+    problem,
     config,
+    _basis(problem),
+    _scaling(problem, config),
+    problem.test,
     val_data=problem.val,
     workdir=workdir,
     on_step=on_step,
@@ -80,7 +110,7 @@ class SamplingTest(absltest.TestCase):
   def test_each_epoch_is_a_permutation_and_depends_only_on_step(self):
     data = [{"x": jnp.arange(12)}, {"x": jnp.arange(7) + 100}]
     key = jax.random.key(3)
-    sample = jax.jit(lambda s: loop.sample_batches(key, s, data, 3))
+    sample = jax.jit(lambda s: step_lib.sample_batches(key, s, data, 3))
     epoch0 = np.concatenate([np.asarray(sample(jnp.int32(s))[0]["x"]) for s in range(4)])
     np.testing.assert_array_equal(np.sort(epoch0), np.arange(12))
     # Task 1 has 7 examples: 2 batches per epoch, its own epochs, one example dropped per epoch.
@@ -89,7 +119,7 @@ class SamplingTest(absltest.TestCase):
     epoch1 = np.concatenate([np.asarray(sample(jnp.int32(s))[0]["x"]) for s in range(4, 8)])
     self.assertFalse(np.array_equal(epoch0, epoch1))  # Reshuffled each epoch.
     np.testing.assert_array_equal(sample(jnp.int32(5))[0]["x"], sample(jnp.int32(5))[0]["x"])
-    self.assertEqual(loop.steps_per_epoch(data, 3), 4)
+    self.assertEqual(step_lib.steps_per_epoch(data, 3), 4)
 
 
 class OptimizerTest(absltest.TestCase):
@@ -100,35 +130,24 @@ class OptimizerTest(absltest.TestCase):
       dict(name="adamw", learning_rate=0.1, weight_decay=0.1, clip_norm=1.0),
       dict(name="sgd", learning_rate=0.1, weight_decay=0.01),
     ):
-      opt = loop.make_optimizer(optim)
+      opt = step_lib.make_optimizer(optim)
       updates, _ = opt.update(jnp.ones(3), opt.init(params), params)
       self.assertTrue(np.all(np.asarray(updates) < 0), optim)
     with self.assertRaises(ValueError):
-      loop.make_optimizer(dict(name="lion", learning_rate=0.1))
+      step_lib.make_optimizer(dict(name="lion", learning_rate=0.1))
 
 
 class TrainStepTest(parameterized.TestCase):
   def _step(self, use_mgda):
     problem = _problem()
-    basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
-    blocks = coefficients.make_blocks(problem.base, granularity="layer")
+    basis = _basis(problem)
+    blocks = parametrizations.make_blocks(problem.base, granularity="layer")
+    scaling = parametrizations.blockwise_scaling(blocks, init=0.3, clamp=(0.0, 1.0))
     opt = optax.adam(0.05)
-    step = loop.make_train_step(
-      problem.apply_fn,
-      objectives.get_objective("entropy"),
-      blocks,
-      opt,
-      batch_size=8,
-      clamp=(0.0, 1.0),
-      use_mgda=use_mgda,
+    step = step_lib.make_train_step(
+      problem.apply_fn, scaling, objectives.entropy(), opt, batch_size=8, use_mgda=use_mgda
     )
-    coeffs = coefficients.init_coefficients(blocks, len(basis), 0.3)
-    state = {
-      "coeffs": coeffs,
-      "opt_state": opt.init(coeffs),
-      "step": jnp.zeros([], jnp.int32),
-      "rng": jax.random.key_data(jax.random.key(0)),
-    }
+    state = _state(scaling.init(problem.base, basis), opt)
     data = tuple({"x": d["x"]} for d in problem.test)
     losses = []
     for _ in range(15):
@@ -141,40 +160,34 @@ class TrainStepTest(parameterized.TestCase):
     # Equal input shapes take the lax.scan path; reshaping task 1's inputs forces the unrolled
     # Python loop over tasks. Both must give the same losses and update.
     problem = _problem()
-    basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
-    blocks = coefficients.make_blocks(problem.base, granularity="layer")
+    basis = _basis(problem)
+    blocks = parametrizations.make_blocks(problem.base, granularity="layer")
+    scaling = parametrizations.blockwise_scaling(blocks)
     opt = optax.sgd(1.0)
 
     def apply_fn(params, x, task):
       return problem.apply_fn(params, x.reshape(x.shape[0], -1), task)
 
-    step = loop.make_train_step(
-      apply_fn, objectives.get_objective("entropy"), blocks, opt, batch_size=8, use_mgda=use_mgda
+    step = step_lib.make_train_step(
+      apply_fn, scaling, objectives.entropy(), opt, batch_size=8, use_mgda=use_mgda
     )
-    coeffs = coefficients.init_coefficients(blocks, len(basis), 0.3)
+    coeffs = scaling.init(problem.base, basis)
     results = []
     for reshape in (False, True):
       data = [{"x": d["x"]} for d in problem.test]
       if reshape:
         data[1] = {"x": data[1]["x"].reshape(-1, 2, data[1]["x"].shape[1] // 2)}
-      # Fresh copies: the step donates its state.
-      state = {
-        "coeffs": jnp.array(coeffs, copy=True),
-        "opt_state": opt.init(coeffs),
-        "step": jnp.zeros([], jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(0)),
-      }
-      results.append(step(state, problem.base, basis, tuple(data)))
+      results.append(step(_state(coeffs, opt), problem.base, basis, tuple(data)))
     (scanned, m_scanned), (unrolled, m_unrolled) = results
     np.testing.assert_allclose(m_scanned["task_losses"], m_unrolled["task_losses"], rtol=1e-5)
-    np.testing.assert_allclose(scanned["coeffs"], unrolled["coeffs"], rtol=1e-4, atol=1e-6)
-    self.assertFalse(np.allclose(scanned["coeffs"], coeffs))
+    np.testing.assert_allclose(scanned.coeffs, unrolled.coeffs, rtol=1e-4, atol=1e-6)
+    self.assertFalse(np.allclose(scanned.coeffs, coeffs))
 
   def test_entropy_decreases_and_coefficients_stay_clamped(self):
     state, _, losses = self._step(use_mgda=False)
     self.assertLess(np.mean(losses[-3:]), np.mean(losses[:3]))
-    self.assertEqual(int(state["step"]), 15)
-    self.assertTrue(np.all((np.asarray(state["coeffs"]) >= 0) & (np.asarray(state["coeffs"]) <= 1)))
+    self.assertEqual(int(state.step), 15)
+    self.assertTrue(np.all((np.asarray(state.coeffs) >= 0) & (np.asarray(state.coeffs) <= 1)))
 
   def test_mgda_weights_are_on_the_simplex(self):
     _, metrics, losses = self._step(use_mgda=True)
@@ -203,7 +216,6 @@ class LearnCoefficientsTest(absltest.TestCase):
       _run(problem, config, workdir=workdir, kill_at=8)
     self.assertEqual(sorted(p.name for p in (workdir / "checkpoints").iterdir()), ["4"])
     # Restart as a fresh process would: nothing compiled is reused.
-    loop.make_train_step.cache_clear()
     jax.clear_caches()
     partial = workdir / "checkpoints" / "8.orbax-checkpoint-tmp-123"
     partial.mkdir()
@@ -256,7 +268,6 @@ class LearnCoefficientsTest(absltest.TestCase):
     self.assertEqual(result.best_metric, np.float32(metrics[best]))
     # The two evaluations after the best were not better, and the run stopped right there.
     self.assertEqual(len(evals) - 1 - best, 2)
-    self.assertTrue(result.transductive)  # adapt_split == "test" in the AdaMerging config.
 
   def test_labels_never_reach_an_unsupervised_objective(self):
     problem = _problem()
@@ -267,12 +278,84 @@ class LearnCoefficientsTest(absltest.TestCase):
       return problem.apply_fn(params, x, task)
 
     config = _config(steps=2, eval_every=-1)
-    basis = [jax.tree.map(jnp.subtract, e, problem.base) for e in problem.experts]
     # Poisoned labels: out-of-range class ids would make a cross-entropy NaN if they were used.
     poisoned = [dict(d, y=jnp.full_like(d["y"], 10**6)) for d in problem.train]
-    result = loop.learn_coefficients(apply_fn, problem.base, basis, poisoned, config)
+    result = loop.train(
+      apply_fn,
+      problem.base,
+      _basis(problem),
+      poisoned,
+      config,
+      parametrization=_scaling(problem, config),
+      objective=objectives.entropy(),
+      optimizer=optax.adam(0.05),
+    )
     self.assertTrue(all(np.isfinite(v) for _, v in result.history["loss"]))
     self.assertTrue(seen)
+
+
+def _low_rank_scaling(blocks, rank):
+  """Λ = U Vᵀ (U [K, r], V [blocks, r]), every entry 0.3 at init."""
+  scale = (0.3 / rank) ** 0.5
+
+  def init(base, basis):
+    del base
+    return {
+      "u": jnp.full((len(basis), rank), scale, jnp.float32),
+      "v": jnp.full((blocks.num_blocks, rank), scale, jnp.float32),
+    }
+
+  def merge(coeffs, base, basis):
+    return parametrizations.merge_blockwise(coeffs["u"] @ coeffs["v"].T, base, basis, blocks)
+
+  return parametrizations.Parametrization(init, merge)
+
+
+def _mask_scaling():
+  """θ0 + Σ_k sigmoid(m_k) ⊙ v_k with one logit per entry of every basis vector."""
+
+  def init(base, basis):
+    return [jax.tree.map(jnp.zeros_like, v) for v in basis]
+
+  def merge(coeffs, base, basis):
+    terms = [
+      jax.tree.map(lambda m, v: jax.nn.sigmoid(m) * v, c, v)
+      for c, v in zip(coeffs, basis, strict=True)
+    ]
+    return jax.tree.map(lambda b, *ts: b + sum(ts), base, *terms)
+
+  return parametrizations.Parametrization(init, merge)
+
+
+class PluggedParametrizationTest(parameterized.TestCase):
+  """New parametrizations (pytree coefficients) train in the unchanged loop, MGDA included."""
+
+  @parameterized.named_parameters(
+    ("low_rank", "low_rank", False),
+    ("low_rank_mgda", "low_rank", True),
+    ("mask", "mask", False),
+    ("mask_mgda", "mask", True),
+  )
+  def test_trains_in_the_loop(self, kind, use_mgda):
+    problem = _problem()
+    config = _config(steps=10, eval_every=5)
+    config.train.mgda = use_mgda
+    basis = _basis(problem)
+    if kind == "low_rank":
+      blocks = parametrizations.make_blocks(problem.base, granularity="layer")
+      parametrization = _low_rank_scaling(blocks, rank=1)
+    else:
+      parametrization = _mask_scaling()
+    init = parametrization.init(problem.base, basis)
+    result = _train(problem, config, basis, parametrization, problem.test, val_data=problem.val)
+    chex.assert_trees_all_equal_structs(result.final_coeffs, init)
+    chex.assert_trees_all_equal_shapes_and_dtypes(result.params, problem.base)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), result.final_coeffs, init)
+    self.assertGreater(max(jax.tree.leaves(moved)), 0.0)
+    self.assertLen(result.history["eval"], 2)
+    if kind == "low_rank":  # The learned Λ keeps rank 1.
+      lam = np.asarray(result.final_coeffs["u"] @ result.final_coeffs["v"].T)
+      self.assertEqual(np.linalg.matrix_rank(lam, tol=1e-5), 1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
-"""Tests for mergejax.learned.methods, objectives, configs and plots on tiny synthetic tasks."""
+"""Tests for mergejax.learned: methods, objectives, bases, recipes and plots, on tiny tasks."""
 
-import importlib
 import pathlib
 import shutil
 import tempfile
@@ -10,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from configs import (
+from configs import learned as recipes_lib
+from configs.learned import (
   adamerging,
   adamerging_plus,
   adamerging_taskwise,
@@ -19,30 +19,22 @@ from configs import (
   dv_basi,
   dv_basi_unsupervised,
 )
+from mergejax import learned
 from mergejax.benchmarks import synthetic
 from mergejax.benchmarks.common import learned_plots as plots
-from mergejax.learned import (
-  loop,
-  methods,
-  objectives,
-)
+from mergejax.learned import bases, evaluation, objectives
 
 _NUM_TEST = 40  # No other split or batch has this many rows: calls with it touch test data.
 
 
-def _problem():
+def _raw_problem():
   return synthetic.make_problem(
     2, num_tasks=3, hidden=16, num_train=48, num_val=32, num_test=_NUM_TEST
   )
 
 
-def _splits(problem):
-  return {"train": problem.train, "validation": problem.val, "test": problem.test}
-
-
 def _val_metrics(problem, params):
-  evaluate = loop.make_params_evaluator(problem.apply_fn)
-  return evaluate(params, problem.val)
+  return evaluation.make_evaluator(problem.apply_fn).metrics(params, problem.splits["validation"])
 
 
 _SAVED_FLAG = None
@@ -60,49 +52,61 @@ def tearDownModule():
 
 
 class ObjectivesTest(absltest.TestCase):
-  def test_entropy_cross_entropy_pseudo_label(self):
-    uniform = jnp.zeros((2, 4))
-    np.testing.assert_allclose(objectives.entropy(uniform), np.log(4), rtol=1e-6)
+  def test_pseudo_label(self):
     confident = jnp.array([[20.0, 0.0, 0.0], [0.0, 0.1, 0.0]])
-    batch = {"y": jnp.array([0, 2])}
-    per_example = -jax.nn.log_softmax(confident)[jnp.arange(2), batch["y"]]
-    np.testing.assert_allclose(
-      objectives.cross_entropy(confident, batch), per_example.mean(), rtol=1e-6
-    )
     # Only the first row is confident (>= 0.99): its CE against its own argmax, over batch size 2.
     expected = -jax.nn.log_softmax(confident[0])[0] / 2
     got = objectives.pseudo_label_cross_entropy(confident, threshold=0.99)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+    uniform = jnp.zeros((2, 4))
     self.assertEqual(float(objectives.pseudo_label_cross_entropy(uniform, threshold=0.99)), 0.0)
-    np.testing.assert_allclose(objectives.accuracy(confident, batch), 0.5)
 
-  def test_get_objective(self):
-    self.assertFalse(objectives.get_objective("entropy").needs_labels)
-    self.assertTrue(objectives.get_objective("cross_entropy").needs_labels)
-    self.assertFalse(objectives.get_objective("pseudo_label", threshold=0.5).needs_labels)
-    with self.assertRaises(ValueError):
-      objectives.get_objective("mse")
-    with self.assertRaises(ValueError):
-      objectives.get_objective("entropy", threshold=0.5)
+  def test_make_resolves_names_and_owns_options(self):
+    self.assertFalse(objectives.make({"name": "entropy"}).needs_labels)
+    self.assertTrue(objectives.make({"name": "cross_entropy"}).needs_labels)
+    ufm = objectives.make({"name": "ufm", "threshold": 0.5, "trusted": "all"})
+    self.assertTrue(ufm.needs_augment and ufm.prepare is not None)
+    with self.assertRaisesRegex(ValueError, "Unknown objective"):
+      objectives.make({"name": "mse"})
+    with self.assertRaisesRegex(ValueError, "does not take"):
+      objectives.make({"name": "entropy", "threshold": 0.5})
+    with self.assertRaisesRegex(ValueError, "trusted"):
+      objectives.make({"name": "ufm", "trusted": "some"})
+
+  def test_losses_through_the_objective_interface(self):
+    logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    batch = {"x": jnp.zeros((2, 1)), "y": jnp.array([0, 0])}
+    forward = lambda view=None: logits
+    per_example = -jax.nn.log_softmax(logits)[jnp.arange(2), batch["y"]]
+    np.testing.assert_allclose(
+      objectives.cross_entropy().loss(forward, batch), per_example.mean(), rtol=1e-6
+    )
+    p = jax.nn.softmax(logits)
+    np.testing.assert_allclose(
+      objectives.entropy().loss(forward, batch), -(p * jnp.log(p)).sum(-1).mean(), rtol=1e-6
+    )
 
 
-class ConfigsTest(parameterized.TestCase):
+class RecipesTest(parameterized.TestCase):
   @parameterized.named_parameters(
-    ("adamerging", adamerging, "adamerging", "test", "layer", 0.3),
-    ("adamerging_taskwise", adamerging_taskwise, "adamerging", "test", "task", 0.3),
-    ("adamerging_plus", adamerging_plus, "adamerging_plus", "test", "layer", 0.3),
-    ("atlas", atlas, "atlas", "validation", "layer", 0.0),
-    ("atlas_unsupervised", atlas_unsupervised, "atlas", "train", "layer", 0.0),
+    ("adamerging", adamerging, "coefficients", "test", "layer", 0.3),
+    ("adamerging_taskwise", adamerging_taskwise, "coefficients", "test", "task", 0.3),
+    ("adamerging_plus", adamerging_plus, "coefficients", "test", "layer", 0.3),
+    ("atlas", atlas, "coefficients", "validation", "layer", 0.0),
+    ("atlas_unsupervised", atlas_unsupervised, "coefficients", "train", "layer", 0.0),
     ("dv_basi", dv_basi, "dv_basi", "validation", "layer", 0.1),
     ("dv_basi_unsupervised", dv_basi_unsupervised, "dv_basi", "test", "layer", 0.1),
   )
   def test_paper_recipes(self, module, method, split, granularity, init):
     full, small = module.get_config(), module.get_config("runlocal")
     for config in (full, small):
+      config.lock()  # Every field has its default: a CLI override of a missing key fails.
+      self.assertIn(config.method, learned.METHODS)
       self.assertEqual(config.method, method)
       self.assertEqual(config.adapt_split, split)
       self.assertEqual(config.coefficients.granularity, granularity)
       self.assertEqual(config.coefficients.init, init)
+      objectives.make(config.objective)  # Resolves, options included.
     self.assertLessEqual(small.train.steps, full.train.steps)
     self.assertLessEqual(small.train.epochs, full.train.epochs)
 
@@ -120,18 +124,33 @@ class ConfigsTest(parameterized.TestCase):
     config = dv_basi.get_config()
     self.assertEqual((config.optim.learning_rate, config.train.epochs), (0.01, 60))
     self.assertEqual(config.early_stopping.patience, 5)
-    self.assertEqual(config.start.method, "atlas")
-    self.assertEqual(dv_basi_unsupervised.get_config().start.method, "adamerging")
+    self.assertEqual(config.start.label, atlas.get_config().label)
+    self.assertEqual(dv_basi_unsupervised.get_config().start.label, adamerging.get_config().label)
+
+  def test_discovery_order_and_labels(self):
+    found = recipes_lib.recipes()
     self.assertEqual(
-      adamerging_plus.get_config().basis.to_dict(), dict(name="ties_trimmed", density=0.2)
+      list(found),
+      [
+        "adamerging_taskwise",
+        "adamerging",
+        "adamerging_plus",
+        "atlas",
+        "atlas_unsupervised",
+        "dv_basi",
+        "dv_basi_unsupervised",
+      ],
     )
+    labels = [m.get_config().label for m in found.values()]
+    self.assertLen(set(labels), len(labels))  # Every row has its own name.
 
 
 class MethodsTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.problem = _problem()
+    cls.raw = _raw_problem()
+    cls.problem = synthetic.learn_problem(cls.raw)
 
   def _tempdir(self):
     path = tempfile.mkdtemp()
@@ -143,7 +162,7 @@ class MethodsTest(absltest.TestCase):
     config = atlas.get_config("runlocal")
     config.train.epochs = 4
     config.optim.learning_rate = 0.05
-    result = methods.run(problem.apply_fn, problem.base, problem.experts, _splits(problem), config)
+    result = learned.run(problem, config)
     before = _val_metrics(problem, problem.base)
     after = _val_metrics(problem, result.params)
     self.assertLess(
@@ -152,89 +171,103 @@ class MethodsTest(absltest.TestCase):
     self.assertFalse(result.transductive)
     # Selection is the best validation evaluation.
     evals = result.history["eval"]
-    self.assertEqual(result.best_step, evals[int(np.argmax([e[1] for e in evals]))][0])
+    best = evals[int(np.argmax([e[1] for e in evals]))][0]
+    self.assertEqual(result.selected, {"best step": best})
+    self.assertEqual(result.extras["best_step"], result.selected["best step"])
 
   def test_adamerging_lowers_test_entropy_and_is_transductive(self):
     problem = self.problem
     config = adamerging.get_config("runlocal")
     config.optim.learning_rate = 0.05
-    result = methods.adamerging(
-      problem.apply_fn, problem.base, problem.experts, problem.test, config
-    )
+    result = learned.run(problem, config)
     self.assertTrue(result.transductive)
-    evaluate = loop.make_evaluator(problem.apply_fn, result.blocks)
-    basis = methods.make_basis(problem.base, problem.experts, config.basis)
-    init = jnp.full_like(result.coeffs, 0.3)
-    before = evaluate(init, problem.base, basis, problem.test)
-    after = evaluate(result.coeffs, problem.base, basis, problem.test)
+    self.assertEqual(result.selected, {"steps": config.train.steps})  # No validation: the last.
+    evaluate = evaluation.make_evaluator(problem.apply_fn).metrics
+    before = evaluate(_merged_at_init(problem, config), problem.splits["test"])
+    after = evaluate(result.params, problem.splits["test"])
     self.assertLess(np.mean([m["entropy"] for m in after]), np.mean([m["entropy"] for m in before]))
-    coeffs = np.asarray(result.coeffs)
-    self.assertEqual(coeffs.shape, (3, len(result.blocks.names)))
+    coeffs = np.asarray(result.extras["effective_coeffs"])
+    self.assertEqual(coeffs.shape, (3, len(result.extras["blocks"])))
     self.assertTrue(np.all((coeffs >= 0) & (coeffs <= 1)))
 
-  def test_adamerging_plus_uses_a_trimmed_basis(self):
+  def test_bases(self):
     problem = self.problem
     config = adamerging_plus.get_config("runlocal")
     config.train.steps = 3
-    basis = methods.make_basis(problem.base, problem.experts, config.basis)
-    for vector in basis:
+    spec = dict(name="ties_trimmed", density=0.2)
+    trimmed = bases.make_basis(problem.base, problem.experts, spec)
+    for vector in trimmed:
       leaves = jax.tree.leaves(vector)
       kept = sum(int(jnp.count_nonzero(x)) for x in leaves) / sum(x.size for x in leaves)
       self.assertAlmostEqual(kept, 0.2, delta=0.01)
-    result = methods.run(problem.apply_fn, problem.base, problem.experts, _splits(problem), config)
-    self.assertTrue(result.transductive)
-    dare = methods.make_basis(problem.base, problem.experts, dict(name="dare", density=0.5))
-    vectors = methods.make_basis(problem.base, problem.experts, dict(name="task_vectors"))
+    self.assertTrue(learned.run(problem, config).transductive)
+    dare = bases.make_basis(problem.base, problem.experts, dict(name="dare", density=0.5))
+    vectors = bases.make_basis(problem.base, problem.experts, dict(name="task_vectors"))
     for d, v in zip(jax.tree.leaves(dare), jax.tree.leaves(vectors), strict=True):
       np.testing.assert_allclose(d[d != 0], 2.0 * v[d != 0], rtol=1e-6)  # Rescaled by 1/0.5.
-    with self.assertRaises(ValueError):
-      methods.adamerging_plus(
-        problem.apply_fn,
-        problem.base,
-        problem.experts,
-        problem.test,
-        adamerging.get_config("runlocal"),
-      )
+    with self.assertRaisesRegex(ValueError, "Unknown basis"):
+      bases.make_basis(problem.base, problem.experts, dict(name="svd"))
 
   def test_taskwise_and_unsupervised_atlas(self):
     problem = self.problem
     config = adamerging_taskwise.get_config("runlocal")
     config.train.steps = 3
-    result = methods.run(problem.apply_fn, problem.base, problem.experts, _splits(problem), config)
-    self.assertEqual(result.coeffs.shape, (3, 1))
+    self.assertEqual(learned.run(problem, config).coeffs.shape, (3, 1))
     config = atlas_unsupervised.get_config("runlocal")
-    config.objective.threshold = 0.5  # Tiny untrained heads are rarely 99% sure.
-    result = methods.run(problem.apply_fn, problem.base, problem.experts, _splits(problem), config)
+    result = learned.run(problem, config)
     self.assertFalse(result.transductive)
     self.assertTrue(result.history["eval"])
 
-  def _dv_basi(self, module):
+  def test_unknown_method_is_reported(self):
+    config = atlas.get_config("runlocal")
+    config.method = "atlas"  # A recipe name, not an algorithm.
+    with self.assertRaisesRegex(ValueError, "coefficients"):
+      learned.run(self.problem, config)
+
+  def test_cache_shares_compilations_between_equal_recipes(self):
     problem = self.problem
+    cache = learned.CompileCache()
+    config = adamerging.get_config("runlocal")
+    config.train.steps = 2
+    plus = adamerging_plus.get_config("runlocal")
+    plus.train.steps = 2
+    first = learned.run(problem, config, cache=cache)
+    entries = len(cache)
+    learned.run(problem, plus, cache=cache)  # Same step config, another basis.
+    self.assertLen(cache, entries)
+    again = learned.run(problem, config)  # No cache: a fresh compilation, the same numbers.
+    np.testing.assert_array_equal(again.coeffs, first.coeffs)
+    config.optim.learning_rate = 0.5
+    learned.run(problem, config, cache=cache)
+    self.assertLen(cache, entries + 1)
+
+  def _dv_basi(self, module):
     seen_rows = []
 
     def apply_fn(params, x, task):
       seen_rows.append(x.shape[0])
-      return problem.apply_fn(params, x, task)
+      return self.raw.apply_fn(params, x, task)
 
     config = module.get_config("runlocal")
     config.train.epochs = 2
     config.start.train.epochs = 1
     config.start.train.steps = 3
     workdir = self._tempdir()
-    result = methods.run(
-      apply_fn, problem.base, problem.experts, _splits(problem), config, workdir=workdir
-    )
-    return result, seen_rows, workdir
+    problem = self.problem._replace(apply_fn=apply_fn)
+    return learned.run(problem, config, workdir=workdir), seen_rows, workdir
 
   def test_dv_basi_selects_on_validation_and_never_touches_test(self):
     result, seen_rows, workdir = self._dv_basi(dv_basi)
     self.assertNotIn(_NUM_TEST, seen_rows)  # Test inputs never went through the model.
-    self.assertLen(result.val_metrics, 3)  # θ^(0), θ^(1), θ^(2).
-    self.assertEqual(result.best_iteration, int(np.argmax(result.val_metrics)))
+    trajectory = result.extras["trajectory"]
+    self.assertLen(trajectory, 3)  # θ^(0), θ^(1), θ^(2).
+    self.assertEqual(result.selected, {"m*": int(np.argmax(trajectory))})
+    self.assertLen(result.coeffs, result.selected["m*"])
     self.assertFalse(result.transductive)
     # The selected model's own validation metric is the one recorded for its iteration.
-    metric = loop.selection_metric(_val_metrics(self.problem, result.params), "accuracy")
-    self.assertEqual(metric, result.val_metrics[result.best_iteration])
+    metrics = _val_metrics(self.problem, result.params)
+    metric = evaluation.selection_metric(metrics, "accuracy", self.problem.reference_accuracy)
+    self.assertEqual(metric, trajectory[result.selected["m*"]])
     self.assertTrue((workdir / "outer_2" / "checkpoints").is_dir())
     self.assertTrue((workdir / "start" / "checkpoints").is_dir())
 
@@ -243,7 +276,7 @@ class MethodsTest(absltest.TestCase):
     # Adaptation sees test inputs only in training batches; selection never evaluates test.
     self.assertNotIn(_NUM_TEST, seen_rows)
     self.assertTrue(result.transductive)
-    self.assertEqual(result.best_iteration, int(np.argmax(result.val_metrics)))
+    self.assertEqual(result.selected["m*"], int(np.argmax(result.extras["trajectory"])))
 
   def test_plots_write_pngs(self):
     out = self._tempdir()
@@ -262,10 +295,11 @@ class MethodsTest(absltest.TestCase):
       self.assertEqual(path.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
 
 
-def test_configs_import_as_modules():
-  # launch/learn_merge.py loads configs by path; variants import their base as `configs.<name>`.
-  for name in ("adamerging_taskwise", "dv_basi_unsupervised"):
-    importlib.import_module(f"configs.{name}").get_config("runlocal").lock()
+def _merged_at_init(problem, config):
+  basis = bases.make_basis(problem.base, problem.experts, config.basis)
+  blocks = learned.make_blocks(problem.base, granularity=config.coefficients.granularity)
+  scaling = learned.blockwise_scaling(blocks, init=config.coefficients.init)
+  return scaling.merge(scaling.init(problem.base, basis), problem.base, basis)
 
 
 if __name__ == "__main__":

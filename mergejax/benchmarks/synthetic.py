@@ -3,7 +3,9 @@
 A flax MLP backbone θ0 with one frozen linear head per task. Expert t is θ0 + τ_t with a random
 task vector τ_t, and task t's labels are expert t's own predictions on Gaussian inputs, so each
 expert is perfect on its task by construction and a merged backbone has something to recover.
-Used by the tests, launch/bench_adamerging.py and launch/learn_merge.py (config.problem).
+Used by the tests, launch/bench_adamerging.py and launch/learn_merge.py (config.problem;
+`synthetic_run.learn_and_evaluate`). `learn_problem` wraps a `Problem` for `mergejax.learned`,
+with `augment`'s views (weak: the inputs; strong: Gaussian noise of std `STRONG_NOISE`).
 """
 
 from collections.abc import Callable
@@ -12,8 +14,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mergejax import learned
+from mergejax.learned import evaluation
 from mergejax.models.mlp import MLPBackbone
 from mergejax.tree import Params
+
+STRONG_NOISE = 0.5  # Std of the strong view's noise; the inputs are standard normal.
 
 
 class Problem(NamedTuple):
@@ -115,4 +121,43 @@ def make_problem(
     train=split(k_train, num_train),
     val=split(k_val, num_val),
     test=split(k_test, num_test),
+  )
+
+
+def augment(key: jax.Array, x: jax.Array, view: str) -> jax.Array:
+  """The synthetic problem's views: "weak" is `x`, "strong" adds N(0, STRONG_NOISE²) noise.
+
+  Args:
+    key: PRNG key.
+    x: inputs `[n, in_dim]`.
+    view: "weak" or "strong".
+
+  Returns:
+    The view, shaped like `x`.
+  """
+  if view == "weak":
+    return x
+  return x + STRONG_NOISE * jax.random.normal(key, x.shape, x.dtype)
+
+
+def learn_problem(problem: Problem) -> learned.LearnProblem:
+  """The `LearnProblem` of a synthetic problem: its splits, views, and the experts' validation
+  accuracies as the normalized-accuracy reference.
+
+  Args:
+    problem: from `make_problem`.
+
+  Returns:
+    The `mergejax.learned.LearnProblem`.
+  """
+  evaluate = evaluation.make_evaluator(problem.apply_fn).metrics
+  # Expert t on task t, through task t's head (1.0 by construction: the labels are its own).
+  reference = [evaluate(e, problem.val)[t]["accuracy"] for t, e in enumerate(problem.experts)]
+  return learned.LearnProblem(
+    apply_fn=problem.apply_fn,
+    base=problem.base,
+    experts=problem.experts,
+    splits={"train": problem.train, "validation": problem.val, "test": problem.test},
+    reference_accuracy=reference,
+    augment=augment,
   )

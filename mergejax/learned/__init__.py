@@ -1,33 +1,30 @@
-"""Learned merging coefficients: one parametrization, objectives, MGDA, one training loop.
+"""Learned merging: coefficients of a parametrization trained by one optax loop.
 
-θ(Λ) = θ0 + Σ_k Λ_k ⊙ v_k with Λ per (basis vector, block); AdaMerging, AdaMerging++, aTLAS and
-DV-BASI are configs of the same loop (see configs/ and `methods`).
+* `methods`: the registry `METHODS` ("coefficients", "dv_basi"), `run(problem, config)`;
+  AdaMerging, AdaMerging++, aTLAS and DV-BASI are recipes (configs/learned/*.py).
+* `problem`: `LearnProblem` (what a method takes), `LearnedMerge` (what it returns),
+  `CompileCache` (explicit compile reuse across runs).
+* `parametrizations`: `Parametrization(init, merge, project)`; `blockwise_scaling` is
+  θ0 + Σ_k Λ_k ⊙ v_k with one Λ per basis vector and block.
+* `objectives`: entropy, cross-entropy, aTLAS's UFM, ... built by `objectives.make(spec)`.
+* `bases`: task vectors, AdaMerging++'s TIES split, DARE.
+* `loop`: the training loop (`train`), resumable and bit-identical after a kill.
+* `mgda`: the min-norm combination of per-task gradients.
 """
 
-from mergejax.learned.coefficients import (
-  Blocks,
-  clamp_coefficients,
-  init_coefficients,
-  make_blocks,
-  merge_with_coefficients,
-)
-from mergejax.learned.loop import LearnResult, learn_coefficients
-from mergejax.learned.methods import DVBasiResult, adamerging, adamerging_plus, atlas, dv_basi, run
-from mergejax.learned.mgda import min_norm_combination
+from mergejax.learned.methods import METHODS, coefficients, dv_basi, run
+from mergejax.learned.parametrizations import Parametrization, blockwise_scaling, make_blocks
+from mergejax.learned.problem import CompileCache, LearnedMerge, LearnProblem
 
 __all__ = [
-  "Blocks",
-  "DVBasiResult",
-  "LearnResult",
-  "adamerging",
-  "adamerging_plus",
-  "atlas",
-  "clamp_coefficients",
+  "METHODS",
+  "CompileCache",
+  "LearnProblem",
+  "LearnedMerge",
+  "Parametrization",
+  "blockwise_scaling",
+  "coefficients",
   "dv_basi",
-  "init_coefficients",
-  "learn_coefficients",
   "make_blocks",
-  "merge_with_coefficients",
-  "min_norm_combination",
   "run",
 ]

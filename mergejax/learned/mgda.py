@@ -10,7 +10,10 @@ The solver is Frank-Wolfe with an exact line search, a fixed number of iteration
 exact (the simplex is a segment and the line search solves it).
 """
 
+import functools
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +63,29 @@ def min_norm_combination(
     `(direction, alpha)`: Σ_t α_t g_t with the gradients' trailing shape, and α `[T]`.
   """
   grads = jnp.stack(list(gradients)) if not isinstance(gradients, jax.Array) else gradients
-  flat = grads.reshape(grads.shape[0], -1).astype(jnp.float32)
-  alpha = min_norm_weights(flat @ flat.T, num_iterations=num_iterations)
-  direction = jnp.tensordot(alpha, grads.astype(jnp.float32), axes=1)
-  return direction.astype(grads.dtype), alpha
+  return min_norm_combination_tree(grads, num_iterations=num_iterations)
+
+
+def min_norm_combination_tree(stacked: Any, *, num_iterations: int = 100) -> tuple[Any, jax.Array]:
+  """`min_norm_combination` for pytree gradients: every leaf has the leading task axis `[T, ...]`.
+
+  The Gram matrix sums the per-leaf inner products, so the result is the one for the gradients
+  flattened and concatenated, without building that concatenation.
+
+  Args:
+    stacked: a pytree of `[T, ...]` arrays (per-task gradients of any coefficient pytree).
+    num_iterations: Frank-Wolfe iterations.
+
+  Returns:
+    `(direction, alpha)`: a pytree shaped like one task's gradient, and α `[T]`.
+  """
+  leaves = jax.tree.leaves(stacked)
+  grams = []
+  for leaf in leaves:
+    flat = leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)
+    grams.append(flat @ flat.T)
+  alpha = min_norm_weights(functools.reduce(operator.add, grams), num_iterations=num_iterations)
+  direction = jax.tree.map(
+    lambda g: jnp.tensordot(alpha, g.astype(jnp.float32), axes=1).astype(g.dtype), stacked
+  )
+  return direction, alpha

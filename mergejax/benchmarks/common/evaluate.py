@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from mergejax import losses
 from mergejax.tree import Params
 
 
@@ -37,8 +37,7 @@ def make_accuracy_fn(
   def accuracy(backbone, x, y):
     t, n = y.shape
     logits = apply(backbone, head, x.reshape(t * n, *x.shape[2:]))
-    correct = jnp.argmax(logits, axis=-1) == y.reshape(-1)
-    return correct.reshape(t, n).mean(axis=1)
+    return jax.vmap(losses.accuracy)(logits.reshape(t, n, -1), y)
 
   return accuracy
 
@@ -72,6 +71,42 @@ def summarize(accuracy: Sequence[float], reference: Sequence[float]) -> dict[str
   """
   acc = np.asarray(accuracy, np.float64)
   return {"avg": float(acc.mean()), "norm": float(normalized_accuracy(acc, reference).mean())}
+
+
+def result_row(
+  method: str,
+  fine_tuning: str,
+  hparams: Mapping[str, Any],
+  test: Sequence[float],
+  reference: Sequence[float],
+  val: Sequence[float] | None = None,
+  transductive: bool = False,
+) -> dict[str, Any]:
+  """One row of a results table: test accuracies, their summary, and what was selected.
+
+  Args:
+    method: the row's name.
+    fine_tuning: how the experts were fine-tuned ("-" for reference rows).
+    hparams: what was selected on validation (printed in the "selected on val" column).
+    test: per-task test accuracies.
+    reference: per-task expert test accuracies (for normalized accuracy).
+    val: per-task validation accuracies, if any.
+    transductive: whether the method adapted on unlabeled test inputs.
+
+  Returns:
+    {"method", "fine_tuning", "hparams", "test", "avg", "norm", "transductive"[, "val"]}.
+  """
+  row = {
+    "method": method,
+    "fine_tuning": fine_tuning,
+    "hparams": dict(hparams),
+    "test": [float(a) for a in test],
+    **summarize(test, reference),
+    "transductive": transductive,
+  }
+  if val is not None:
+    row["val"] = [float(a) for a in val]
+  return row
 
 
 def _fmt_hparams(hparams: Mapping[str, Any]) -> str:

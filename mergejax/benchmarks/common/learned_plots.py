@@ -31,7 +31,7 @@ def plot_coefficients(
 
   Args:
     coeffs: Λ, `[num_vectors, num_blocks]`.
-    block_names: names of the blocks (`LearnResult.blocks.names`).
+    block_names: names of the blocks (`LearnedMerge.extras["blocks"]`).
     path: output PNG.
     vector_names: column labels (task names); defaults to "v0", "v1", ...
     title: figure title.
@@ -56,7 +56,7 @@ def plot_curves(history: Mapping[str, list], path: str | pathlib.Path) -> pathli
   """Training loss and validation selection metric against the step.
 
   Args:
-    history: `LearnResult.history` ({"loss": [[step, loss]...], "eval": [[step, metric, ...]...]}).
+    history: `LearnedMerge.history` ({"loss": [[step, loss]...], "eval": [[step, metric, ...]...]}).
     path: output PNG.
 
   Returns:
@@ -87,7 +87,7 @@ def plot_dv_basi_trajectory(
   """Validation metric of θ^(0), θ^(1), ... over DV-BASI's outer iterations.
 
   Args:
-    val_metrics: `DVBasiResult.val_metrics`.
+    val_metrics: DV-BASI's `LearnedMerge.extras["trajectory"]`.
     path: output PNG.
     best_iteration: marked with a star (the iteration selected on validation).
     test_metrics: optional test metric per iteration, computed by the caller after selection,

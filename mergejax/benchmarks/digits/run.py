@@ -3,7 +3,7 @@
 One story in phases: (1) data and zoo, (2) reference rows (pre-trained, experts, multi-task),
 (3) for each fine-tuning mode and rule, select hyper-parameters on validation by mean normalized
 accuracy and report test, (4) for each mode, learn merging coefficients (AdaMerging, aTLAS,
-DV-BASI; `mergejax.learned`), (5) write results.md / results.json with provenance, and plots.
+DV-BASI; `learned.py`), (5) write results.md / results.json with provenance, and plots.
 
 Selection never looks at test: every grid point is scored on the validation splits only, and the
 test split is evaluated once, for the chosen point. Learned methods whose recipe adapts Λ on
@@ -28,8 +28,12 @@ from mergejax import finetune, provenance, rules
 from mergejax import task_vectors as tv_lib
 from mergejax.benchmarks.common import evaluate, plots
 from mergejax.benchmarks.common.data import stack_splits
+from mergejax.benchmarks.digits import learned as learned_lib
 from mergejax.benchmarks.digits import zoo as zoo_lib
-from mergejax.learned import methods as learned_methods
+from mergejax.benchmarks.digits.learned import (  # noqa: F401 (the mark is re-exported)
+  TRANSDUCTIVE_FOOTNOTE,
+  TRANSDUCTIVE_MARK,
+)
 
 Params = Any
 # Names in the printed table.
@@ -42,20 +46,6 @@ RULE_LABELS = {
   "consensus": "Consensus (TA)",
   "emr": "EMR (task id)",
 }
-LEARNED_LABELS = {
-  "adamerging_taskwise": "AdaMerging task-wise",
-  "adamerging": "AdaMerging layer-wise",
-  "adamerging_plus": "AdaMerging++ layer-wise",
-  "atlas": "aTLAS (supervised)",
-  "atlas_unsupervised": "aTLAS (unsupervised)",
-  "dv_basi": "DV-BASI (supervised)",
-  "dv_basi_unsupervised": "DV-BASI (unsupervised)",
-}
-TRANSDUCTIVE_MARK = " †"
-TRANSDUCTIVE_FOOTNOTE = (
-  "† transductive: Λ was adapted on the unlabeled test inputs (the method's published recipe); "
-  "no test label was used for training or selection."
-)
 
 
 def _grid_points(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
@@ -89,19 +79,7 @@ def select_on_validation(
   return best, best_score, trace
 
 
-def _row(method, fine_tuning, hparams, test, reference, val=None, transductive=False):
-  summary = evaluate.summarize(test, reference)
-  row = {
-    "method": method,
-    "fine_tuning": fine_tuning,
-    "hparams": dict(hparams),
-    "test": [float(a) for a in test],
-    **summary,
-    "transductive": transductive,
-  }
-  if val is not None:
-    row["val"] = [float(a) for a in val]
-  return row
+_row = evaluate.result_row
 
 
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -190,7 +168,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
   learned = {"results": {}, "recipes": {}}
   if config.learned.enabled:
     for mode in config.learned.modes or config.zoo.modes:
-      mode_rows, mode_info = _learned_rows(
+      mode_rows, mode_info = learned_lib.learned_rows(
         config,
         model,
         zoo,
@@ -233,7 +211,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
         plots.plot_accuracy_vs_scale(curves, workdir / "accuracy_vs_lambda.png")
       )
     if learned["results"]:
-      paths.update(_plot_learned(config, learned["results"], tasks, workdir))
+      paths.update(learned_lib.plot_learned(config, learned["results"], tasks, workdir))
   # Final figures, after the plots: wall time of the whole job and its peak memory.
   record["wall_time_s"] = round(time.time() - started, 3)
   record["peak_rss_mib"] = round(provenance.peak_rss_mib(), 1)
@@ -244,14 +222,14 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     "sign_conflicts": conflicts,
     "curves": curves,
     "selection": selection,
-    "learned": _learned_summary(learned["results"]),
+    "learned": learned_lib.learned_summary(learned["results"]),
     "plots": paths,
   }
   notes = evaluate.matrix_markdown(
     matrices[ref_mode], tasks, title=f"Test accuracy (%) of each {ref_mode} expert on every task:"
   )
   if learned["recipes"]:
-    notes = _learned_notes(learned["recipes"], rows) + "\n\n" + notes
+    notes = learned_lib.learned_notes(learned["recipes"], rows) + "\n\n" + notes
   md_path, json_path = evaluate.write_results(
     workdir, rows, tasks, record, extra=extra, notes_markdown=notes
   )
@@ -311,183 +289,6 @@ def _scale_curve(trace, reference) -> dict[str, list[float]]:
     "norm": [float(by_scale[s].mean()) for s in scales],
     "avg": [float((by_scale[s] * ref).mean()) for s in scales],
   }
-
-
-def _learned_config(method_config: ml_collections.ConfigDict, seed: int):
-  """A copy of `method_config` with `seed` (and its DV-BASI start recipe's seed) set."""
-  cfg = method_config.copy_and_resolve_references()
-  cfg.seed = seed
-  if "start" in cfg:
-    cfg.start.seed = seed
-  return cfg
-
-
-def _recipe(cfg: ml_collections.ConfigDict) -> str:
-  """One line describing a learned method's recipe as it was run (for the notes)."""
-  tc = cfg.train
-  length = f"{tc.epochs} epochs" if tc.epochs > 0 else f"{tc.steps} steps"
-  text = (
-    f"Λ {cfg.coefficients.granularity}-wise over {cfg.basis.name}, {cfg.objective.name} on "
-    f"{cfg.adapt_split}, {cfg.optim.name} lr {cfg.optim.learning_rate:g}, {length}, "
-    f"batch {tc.batch_size}/task"
-  )
-  if tc.eval_every >= 0:
-    text += f", selected by validation {cfg.early_stopping.metric}"
-  if cfg.method == "dv_basi":
-    text += (
-      f"; {cfg.dv_basi.outer_iterations} outer iterations (patience "
-      f"{cfg.early_stopping.patience}), best on validation; start: {_recipe(cfg.start)}"
-    )
-  return text
-
-
-def _learned_rows(config, model, zoo, data, mode, accuracy, expert_val, expert_test):
-  """Runs every learned method of `config.learned` on `mode`'s experts.
-
-  Returns:
-    (rows, {"results": {name: first seed's result}, "recipes": {label: text},
-    "timing": {key: seconds}}).
-  """
-  tasks = zoo.tasks
-  head, base = zoo.pretrained["head"], zoo.pretrained["backbone"]
-  experts = zoo.experts[mode]
-  # One apply_fn per mode, shared by every method: the learned loop caches its jitted steps and
-  # evaluators on it, so methods with equal pieces reuse one compilation.
-  apply = finetune.make_apply(model, mode=mode, base_backbone=base)
-
-  def apply_fn(backbone, x, task):
-    del task  # One shared, frozen head.
-    return apply(backbone, head, x)
-
-  def split(name):
-    return [{"x": getattr(data[t], name).x, "y": getattr(data[t], name).y} for t in tasks]
-
-  splits = {"train": split("train"), "validation": split("val"), "test": split("test")}
-  val = stack_splits([data[t].val for t in tasks])
-  test = stack_splits([data[t].test for t in tasks])
-  rows, results, recipes, timing = [], {}, {}, {}
-  for name in tqdm.tqdm(config.learned.run, desc=f"learned merging ({mode})", leave=False):
-    start = time.time()
-    val_runs, test_runs, hparams = [], [], []
-    for offset in config.learned.seeds:
-      cfg = _learned_config(config.learned.methods[name], config.seed + offset)
-      result = learned_methods.run(
-        apply_fn, base, experts, splits, cfg, reference_accuracy=list(expert_val)
-      )
-      # Test is evaluated once, for the model the method selected (on validation).
-      val_runs.append(accuracy(result.params, val))
-      test_runs.append(accuracy(result.params, test))
-      if isinstance(result, learned_methods.DVBasiResult):
-        hparams.append({"m*": result.best_iteration})
-      elif np.isnan(result.best_metric):  # No validation in the recipe: the last Λ.
-        hparams.append({"steps": result.best_step})
-      else:
-        hparams.append({"best step": result.best_step})
-      if name not in results:
-        results[name] = result._replace(params=None)
-    transductive = bool(result.transductive)
-    label = LEARNED_LABELS.get(name, name) + (TRANSDUCTIVE_MARK if transductive else "")
-    recipes[label] = _recipe(cfg)
-    chosen = hparams[0] if len(hparams) == 1 else {k: [h[k] for h in hparams] for k in hparams[0]}
-    row = _row(
-      label,
-      mode,
-      chosen,
-      np.mean(test_runs, axis=0),
-      expert_test,
-      np.mean(val_runs, axis=0),
-      transductive=transductive,
-    )
-    if len(test_runs) > 1:
-      # Spread over the learned methods' seeds (the zoo is fixed within one run).
-      per_run = [evaluate.summarize(t, expert_test) for t in test_runs]
-      row["seeds"] = [config.seed + o for o in config.learned.seeds]
-      row["test_runs"] = [[float(a) for a in t] for t in test_runs]
-      row["avg_std"] = float(np.std([p["avg"] for p in per_run]))
-      row["norm_std"] = float(np.std([p["norm"] for p in per_run]))
-    rows.append(row)
-    timing[f"{name} ({mode})"] = {
-      "runs": len(test_runs),
-      "seconds": round(time.time() - start, 2),
-    }
-    logging.info("%s (%s): test norm %.4f", label, mode, row["norm"])
-  return rows, {"results": results, "recipes": recipes, "timing": timing}
-
-
-def _learned_summary(results) -> dict[str, Any]:
-  """JSON-friendly learned-method records: Λ, history, DV-BASI trajectory (first seed)."""
-  out = {}
-  for mode, by_name in results.items():
-    for name, r in by_name.items():
-      if isinstance(r, learned_methods.DVBasiResult):
-        out[f"{name} ({mode})"] = {
-          "best_iteration": r.best_iteration,
-          "val_metrics": r.val_metrics,
-          "transductive": r.transductive,
-          "histories": [it.history for it in r.iterations],
-        }
-      else:
-        out[f"{name} ({mode})"] = {
-          "coeffs": np.asarray(r.coeffs).tolist(),
-          "blocks": list(r.blocks.names),
-          "best_step": r.best_step,
-          "history": r.history,
-          "transductive": r.transductive,
-        }
-  return out
-
-
-def _plot_learned(config, results, tasks, workdir) -> dict[str, str]:
-  """Λ heatmap, loss/validation curves and DV-BASI's trajectory for the first learned mode."""
-  from mergejax.benchmarks.common import learned_plots  # noqa: PLC0415  (matplotlib)
-
-  mode = next(iter(results))
-  by_name, paths = results[mode], {}
-  name = config.learned.plot_method
-  if name in by_name and not isinstance(by_name[name], learned_methods.DVBasiResult):
-    r = by_name[name]
-    vector_names = list(tasks) if np.shape(r.coeffs)[0] == len(tasks) else None
-    paths["learned_coefficients"] = str(
-      learned_plots.plot_coefficients(
-        r.coeffs,
-        r.blocks.names,
-        workdir / "learned_coefficients.png",
-        vector_names=vector_names,
-        title=f"Λ of {LEARNED_LABELS.get(name, name)} ({mode})",
-      )
-    )
-  for name, r in by_name.items():
-    # DV-BASI: the curves of its last outer iteration.
-    history = r.iterations[-1].history if isinstance(r, learned_methods.DVBasiResult) else r.history
-    paths[f"learned_curves_{name}"] = str(
-      learned_plots.plot_curves(history, workdir / f"learned_curves_{name}.png")
-    )
-    if isinstance(r, learned_methods.DVBasiResult):
-      paths[f"trajectory_{name}"] = str(
-        learned_plots.plot_dv_basi_trajectory(
-          r.val_metrics, workdir / f"{name}_trajectory.png", best_iteration=r.best_iteration
-        )
-      )
-  return paths
-
-
-def _learned_notes(recipes: Mapping[str, str], rows: Sequence[Mapping[str, Any]]) -> str:
-  """The footnote, each learned recipe as run, and the spread of multi-seed learned rows."""
-  lines = [
-    TRANSDUCTIVE_FOOTNOTE,
-    "",
-    "Learned methods as run (test evaluated once, after selection):",
-  ]
-  lines += [f"- {label}: {text}" for label, text in recipes.items()]
-  spread = [r for r in rows if "seeds" in r]
-  if spread:
-    lines += ["", f"Learned rows are means over seeds {spread[0]['seeds']} (same zoo); std:"]
-    lines += [
-      f"- {r['method']} ({r['fine_tuning']}): avg ± {100 * r['avg_std']:.1f}, "
-      f"norm ± {100 * r['norm_std']:.1f}"
-      for r in spread
-    ]
-  return "\n".join(lines)
 
 
 def seeds_markdown(payloads: Sequence[Mapping[str, Any]]) -> str:
