@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import tqdm
 
-from mergejax import finetune
+from mergejax import finetune, losses
 from mergejax.benchmarks.common.data import Split
 from mergejax.tree import Params
 
@@ -176,7 +176,7 @@ def multitask(
 
     def task_loss(head, x, y):
       logits = model.apply({"params": {"backbone": params, "head": head}}, pixels(x))
-      return finetune.cross_entropy(logits, y)
+      return losses.cross_entropy(logits, y)
 
     return jax.vmap(task_loss)(frozen, xs, ys).mean()
 
