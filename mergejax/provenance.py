@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
+import json
 import platform
 import resource
 import sys
@@ -53,3 +55,42 @@ def record(config: Any = None, *, seed: int | None = None, started: float | None
     "peak_rss_mib": round(peak_rss_mib(), 1),
     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
+
+
+def config_fingerprint(config: Any, *, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Returns the config as a flat, JSON-friendly `{"a.b.c": value}`, without `ignore`d fields.
+
+  What a resumable run compares with the config it was started with: every field counts except
+  those that may legitimately change on resume (e.g. the number of steps).
+
+  Args:
+    config: a ConfigDict or nested dict.
+    ignore: fnmatch patterns over the dotted field names (e.g. "train.steps", "ckpt.*").
+
+  Returns:
+    The flat dict; tuples become lists, as JSON would make them.
+  """
+  tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  flat: dict[str, Any] = {}
+
+  def walk(prefix: str, node: Any) -> None:
+    if isinstance(node, dict):
+      for k in sorted(node):
+        walk(f"{prefix}.{k}" if prefix else str(k), node[k])
+      return
+    if any(fnmatch.fnmatchcase(prefix, pattern) for pattern in ignore):
+      return
+    flat[prefix] = json.loads(json.dumps(node, default=str))
+
+  walk("", tree)
+  return flat
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """Returns one line per field that differs between two fingerprints ("a.b: old -> new")."""
+  lines = []
+  for key in sorted(saved.keys() | current.keys()):
+    old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if old != new:
+      lines.append(f"{key}: {old!r} -> {new!r}")
+  return lines

@@ -235,6 +235,41 @@ class LearnCoefficientsTest(absltest.TestCase):
     again = _run(problem, config, workdir=workdir, kill_at=1)
     chex.assert_trees_all_equal(again.coeffs, reference.coeffs)
 
+  def test_resume_refuses_another_config_but_takes_more_steps(self):
+    problem = _problem()
+    workdir = self._tempdir()
+    with self.assertRaises(_Killed):
+      _run(problem, _config(), workdir=workdir, kill_at=6)
+    changed = _config()
+    changed.seed = 1
+    with self.assertRaisesRegex(ValueError, r"another config.*'seed: 0 -> 1'.*another --workdir"):
+      _run(problem, changed, workdir=workdir)
+    regrouped = _config()
+    regrouped.coefficients.granularity = "task"
+    with self.assertRaisesRegex(ValueError, r"coefficients.granularity: 'layer' -> 'task'"):
+      _run(problem, regrouped, workdir=workdir)
+    # A longer run of the same config resumes: it equals an uninterrupted longer run.
+    longer = _run(problem, _config(steps=16), workdir=workdir)
+    reference = _run(problem, _config(steps=16), workdir=self._tempdir())
+    chex.assert_trees_all_equal(longer.final_coeffs, reference.final_coeffs)
+    self.assertEqual(longer.history, reference.history)
+
+  def test_a_corrupted_latest_checkpoint_falls_back_to_the_one_before(self):
+    problem = _problem()
+    reference = _run(problem, _config(), workdir=self._tempdir())
+    workdir = self._tempdir()
+    with self.assertRaises(_Killed):
+      _run(problem, _config(), workdir=workdir, kill_at=11)  # Checkpoints at 4 and 8.
+    latest = workdir / "checkpoints" / "8"
+    victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.unlink()  # A file deleted inside the newest checkpoint.
+    with self.assertLogs(level="WARNING") as logs:
+      resumed = _run(problem, _config(), workdir=workdir)
+    self.assertTrue(any("step 8" in line and "does not restore" in line for line in logs.output))
+    self.assertTrue(any("Resuming from step 4" in line for line in logs.output))
+    chex.assert_trees_all_equal(resumed.final_coeffs, reference.final_coeffs)
+    self.assertEqual(resumed.history, reference.history)
+
   def test_resume_after_sigkill_in_another_process_is_bit_identical(self):
     problem = _problem()
     config = _config()

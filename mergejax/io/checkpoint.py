@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from mergejax import tree as tree_lib
 from mergejax.io import atomic, hf, safetensors
@@ -194,24 +195,52 @@ def save_training_state(
   )
 
 
-def restore_training_state(manager: ocp.CheckpointManager, template: Any) -> tuple[Any, dict]:
-  """Restores the latest (state, history); `template` gives the structure (NamedTuples survive).
+def restore_training_state(
+  manager: ocp.CheckpointManager, template: Any
+) -> tuple[Any, dict, int] | None:
+  """Restores the newest (state, history) that restores; `template` gives the structure.
+
+  A checkpoint that fails to restore (a file deleted or truncated inside it) is reported,
+  deleted so that the run can write that step again, and the next older one is tried.
 
   Args:
     manager: from `training_manager`.
-    template: a pytree of arrays or ShapeDtypeStructs shaped like the saved state.
+    template: a pytree of arrays or ShapeDtypeStructs shaped like the saved state (NamedTuples
+      survive the round trip).
 
   Returns:
-    (state, history).
+    (state, history, step), or None when there is no checkpoint.
+
+  Raises:
+    ValueError: checkpoints exist but none restores (naming the directory and each error).
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  restored = manager.restore(
-    manager.latest_step(),
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
-    ),
+  args = ocp.args.Composite(
+    state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
   )
-  return restored["state"], restored["history"]
+  errors = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many types)
+      message = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      errors.append(f"step {step}: {message}")
+      logging.warning(
+        "Checkpoint of step %d in %s does not restore (%s); deleting it and trying the one before.",
+        step,
+        manager.directory,
+        message,
+      )
+      manager.delete(step)
+      continue
+    if errors:
+      logging.warning("Resuming from step %d in %s instead.", step, manager.directory)
+    return restored["state"], restored["history"], step
+  if errors:
+    raise ValueError(
+      f"No checkpoint in {manager.directory} restores: {errors}. Start afresh in a new workdir."
+    )
+  return None
 
 
 # ------------------------------------------------------------------------------ dispatch

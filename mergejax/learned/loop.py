@@ -6,7 +6,9 @@ reads as five phases:
 
 1. Set up: the jitted step, merge and evaluator (`step.make_compiled`, or handed in by the
    caller), the initial state, and the objective's prepared data (e.g. UFM's pseudo-labels).
-2. Resume: restore the newest checkpoint of `workdir`, if any.
+2. Resume: restore the newest checkpoint of `workdir` that restores, if any, after checking
+   that the run's config is the one the checkpoints were made with (`RESUMABLE_FIELDS` may
+   differ: e.g. more steps).
 3. Train: one jitted call per step (`step.py`) samples each task's batch, builds θ(coeffs) once,
    runs forward and backward on every task, and updates the coefficients.
 4. Evaluate and stop early: every `eval_every` steps on the validation data; keep the best.
@@ -22,6 +24,7 @@ sub-batch and the view. Nothing depends on Python iterator state, so a resumed r
 same batches.
 """
 
+import json
 import math
 import pathlib
 from collections.abc import Callable, Sequence
@@ -32,7 +35,8 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from mergejax.io import checkpoint
+from mergejax import provenance
+from mergejax.io import atomic, checkpoint
 from mergejax.learned import evaluation, objectives
 from mergejax.learned.parametrizations import Parametrization
 from mergejax.learned.problem import Augment
@@ -159,10 +163,14 @@ def train(
   history = {"loss": [], "eval": []}
 
   # 2. Resume.
-  manager = checkpoint.training_manager(workdir, **config.ckpt) if workdir is not None else None
-  if manager is not None and manager.latest_step() is not None:
-    state, history = checkpoint.restore_training_state(manager, state)
-    logging.info("Resumed from step %d in %s.", manager.latest_step(), workdir)
+  manager = None
+  if workdir is not None:
+    manager = checkpoint.training_manager(workdir, **config.ckpt)
+    _check_fingerprint(workdir, config, resuming=manager.latest_step() is not None)
+    restored = checkpoint.restore_training_state(manager, state)
+    if restored is not None:
+      state, history, restored_step = restored
+      logging.info("Resumed from step %d in %s.", restored_step, workdir)
   step = int(state.train.step)
   stopped = bool(state.best.stopped)
 
@@ -222,6 +230,41 @@ def train(
     best_step=best_step,
     best_metric=best_metric,
   )
+
+
+# Config fields that may change when a run resumes: its length, logging, checkpoint cadence,
+# evaluation batch size (speed only) and the table label.
+RESUMABLE_FIELDS = (
+  "train.steps",
+  "train.epochs",
+  "train.log_every",
+  "train.eval_batch_size",
+  "ckpt.*",
+  "label",
+  "table_rank",
+)
+_FINGERPRINT = "config_fingerprint.json"
+
+
+def _check_fingerprint(workdir: str | pathlib.Path, config: Any, *, resuming: bool) -> None:
+  """Refuses to resume checkpoints made with another config; records the config otherwise."""
+  path = pathlib.Path(workdir) / _FINGERPRINT
+  current = provenance.config_fingerprint(config, ignore=RESUMABLE_FIELDS)
+  if resuming:
+    if not path.exists():
+      raise ValueError(
+        f"{workdir} holds checkpoints but no {_FINGERPRINT}: it cannot be checked against this "
+        "run's config. Start afresh with another --workdir (or delete its checkpoints/)."
+      )
+    diff = provenance.fingerprint_diff(json.loads(path.read_text()), current)
+    if diff:
+      raise ValueError(
+        f"{workdir} holds checkpoints of a run with another config; differing fields: "
+        f"{diff}. Resume with the same config (only {list(RESUMABLE_FIELDS)} may change), or "
+        "start afresh with another --workdir (or delete its checkpoints/)."
+      )
+    return
+  atomic.write_text(path, json.dumps(current, indent=2, sort_keys=True))
 
 
 def _copy(tree: Any) -> Any:
