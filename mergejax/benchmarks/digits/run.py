@@ -35,7 +35,6 @@ from mergejax.benchmarks.digits.learned import (  # noqa: F401 (the mark is re-e
   TRANSDUCTIVE_MARK,
 )
 
-Params = Any
 # Names in the printed table.
 RULE_LABELS = {
   "weight_average": "weight averaging",

@@ -23,8 +23,8 @@ from mergejax import finetune, models, provenance
 from mergejax.benchmarks.common.data import TaskData, concat_splits
 from mergejax.benchmarks.digits.data import make_tasks
 from mergejax.io import checkpoint
+from mergejax.tree import Params
 
-Params = Any
 _META = "zoo.json"
 _CKPT = "params"
 
