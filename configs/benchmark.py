@@ -100,6 +100,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     "breadcrumbs",
     "consensus",
     "emr",
+    "magmax",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    "tsv_c",
   )
   config.grids = ml_collections.ConfigDict()
   config.grids.task_arithmetic = dict(scale=_TA_SCALES)
@@ -109,12 +114,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     density=(0.1, 0.15, 0.2), gamma=(0.001, 0.006, 0.01), scale=_TA_SCALES[1:]
   )
   config.grids.consensus = dict(tall_lambda=(0.2, 0.4, 0.6), scale=_TA_SCALES[1:])
+  # MagMax keeps one task's entry per weight and the spectral rules' updates have a task vector's
+  # size (TSV-M: α = 1, ISO: α ~ 1-1.5 on CLIP), so they get the wide grid around 1. TSV-C is
+  # per task (task id at inference) at the paper's α = 1 and rank 1/T.
+  config.grids.magmax = dict(scale=_MEAN_SCALES)
+  config.grids.tsv_m = dict(scale=_MEAN_SCALES)
+  config.grids.iso_c = dict(scale=_MEAN_SCALES)
+  config.grids.iso_cts = dict(scale=_MEAN_SCALES)
   if smoke:
     config.grids.task_arithmetic = dict(scale=(0.0, 0.3, 0.6, 1.0))
     config.grids.ties = dict(density=(0.2,), scale=(0.5, 1.0))
     config.grids.dare_ties = dict(density=(0.2,), scale=(0.5, 1.0))
     config.grids.breadcrumbs = dict(density=(0.15,), gamma=(0.006,), scale=(0.3, 0.6))
     config.grids.consensus = dict(tall_lambda=(0.4,), scale=(0.3, 0.6))
+    for rule in ("magmax", "tsv_m", "iso_c", "iso_cts"):
+      config.grids[rule] = dict(scale=(0.5, 1.0))
   if vit and not smoke:
     # The ViT's many leaves make each merge slower: search λ at the rules' published points.
     config.grids.ties.density = (0.2,)

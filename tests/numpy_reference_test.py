@@ -17,6 +17,10 @@ _CASES = {
   "consensus": ({"tall_lambda": 0.4, "min_tasks": 2, "scale": 0.3}, {}),
   "emr": ({}, {}),
   "model_stock": ({}, {}),
+  "magmax": ({"scale": 0.5}, {}),
+  "tsv_m": ({"scale": 1.0}, {}),
+  "iso_c": ({"scale": 0.7}, {}),
+  "iso_cts": ({"scale": 0.7}, {}),
 }
 
 
@@ -37,8 +41,11 @@ def test_deterministic_rules_match_their_reference(rule):
   merged = rules.task_models(rules.merge(rule, base, experts, **hparams, **jax_only), base, 4)[0]
   expected = ref.NUMPY[rule](base, experts, **hparams)
   assert sorted(merged) == sorted(expected)
+  # SVD-based rules: LAPACK and XLA's SVDs differ in float32 rounding (polar factors of
+  # nearly rank-deficient concatenations amplify it); element-wise rules agree to rounding.
+  atol = 1e-4 if rule in ("tsv_m", "iso_c", "iso_cts") else 1e-6
   for path, x in expected.items():
-    np.testing.assert_allclose(np.asarray(merged[path]), x, rtol=1e-5, atol=1e-6, err_msg=path)
+    np.testing.assert_allclose(np.asarray(merged[path]), x, rtol=1e-5, atol=atol, err_msg=path)
 
 
 @pytest.mark.parametrize("rule, combine", [("dare", "sum"), ("dare_ties", "ties")])

@@ -12,13 +12,15 @@ Conventions:
 * Random rules take an explicit `key`; masks come from one key per (expert, leaf path).
 * Rules that build one model per task (EMR, TALL masks) return a `TaskSpecificMerge`.
 
-Modules: `spec` (the registry), `averaging`, `sparse`, `masks`, `geometric` (the rules),
+Modules: `spec` (the registry), `averaging`, `sparse`, `masks`, `geometric`, `spectral`
+(TSV, ISO), `magmax` (the rules),
 `task_specific` (per-task results), `front_door` (`merge`).
 """
 
 from mergejax.rules.averaging import task_arithmetic, task_negation, weight_average
 from mergejax.rules.front_door import lower, merge
 from mergejax.rules.geometric import model_stock, slerp
+from mergejax.rules.magmax import magmax
 from mergejax.rules.masks import (
   EMRMerged,
   TallMerged,
@@ -44,6 +46,13 @@ from mergejax.rules.spec import (
   hparams_of,
   register,
 )
+from mergejax.rules.spectral import (
+  TsvCompressed,
+  iso_c,
+  iso_cts,
+  tsv_compress,
+  tsv_merging,
+)
 from mergejax.rules.task_specific import TaskSpecificMerge, task_models
 
 __all__ = [
@@ -52,6 +61,7 @@ __all__ = [
   "HParam",
   "RuleSpec",
   "TallMerged",
+  "TsvCompressed",
   "TaskSpecificMerge",
   "add_key",
   "breadcrumbs",
@@ -62,7 +72,10 @@ __all__ = [
   "emr_merging",
   "emr_task_model",
   "hparams_of",
+  "iso_c",
+  "iso_cts",
   "lower",
+  "magmax",
   "merge",
   "model_stock",
   "register",
@@ -74,5 +87,7 @@ __all__ = [
   "task_models",
   "task_negation",
   "ties_merging",
+  "tsv_compress",
+  "tsv_merging",
   "weight_average",
 ]

@@ -124,6 +124,62 @@ def np_model_stock(base, experts):
   return out
 
 
+def _np_polar(x):
+  p, _, qt = np.linalg.svd(x, full_matrices=False)
+  return p @ qt
+
+
+def _np_spectral(base, experts, scale, on_matrix):
+  """θ0 + α Δ: Δ = on_matrix(stacked [T, in, out] task matrices) on 2-D leaves, mean τ elsewhere."""
+  out = {}
+  for p, x in base.items():
+    taus = np.stack([e[p] - x for e in experts])
+    out[p] = x + scale * (on_matrix(taus) if x.ndim == 2 else taus.mean(0))
+  return out
+
+
+def np_tsv_m(deltas):
+  t, m, n = deltas.shape
+  k = int(min(m, n) * (1.0 / t))
+  if k == 0:
+    return np.zeros((m, n), deltas.dtype)
+  u, s, vt = np.linalg.svd(deltas, full_matrices=False)
+  u_cat = np.concatenate(list(u[:, :, :k]), axis=1)
+  vt_cat = np.concatenate(list(vt[:, :k]), axis=0)
+  return (_np_polar(u_cat) * s[:, :k].ravel()) @ _np_polar(vt_cat)
+
+
+def np_iso_c(deltas):
+  u, s, vt = np.linalg.svd(deltas.sum(0), full_matrices=False)
+  return s.mean() * (u @ vt)
+
+
+def np_iso_cts(deltas, fraction=0.8):
+  d = np.swapaxes(deltas, 1, 2)  # [in, out] -> [out, in]: the common space is the output side.
+  t, m, n = d.shape
+  r = min(m, n)
+  c = r - round((r - int(r * fraction)) / t) * t
+  per = (r - c) // t
+  u, s, vt = np.linalg.svd(d.sum(0), full_matrices=False)
+  uc = u[:, :c]
+  pu, ps, pvt = np.linalg.svd(d - uc @ (uc.T @ d), full_matrices=False)
+  u_all = np.concatenate([*pu[:, :, :per], uc], axis=1)
+  vt_all = np.concatenate([*pvt[:, :per], vt[:c]], axis=0)
+  s_mean = (ps[:, :per].sum() + s[:c].sum()) / r
+  return (s_mean * (_np_polar(u_all) @ _np_polar(vt_all))).T
+
+
+def np_magmax(base, experts, scale):
+  out = {}
+  for p, x in base.items():
+    best = experts[0][p] - x
+    for e in experts[1:]:
+      tau = e[p] - x
+      best = np.where(np.abs(tau) >= np.abs(best), tau, best)
+    out[p] = x + scale * best
+  return out
+
+
 NUMPY = {
   "task_arithmetic": lambda b, e, scale: {p: b[p] + scale * sum(x[p] - b[p] for x in e) for p in b},
   "weight_average": lambda b, e: {p: sum(x[p] for x in e) / len(e) for p in b},
@@ -134,4 +190,8 @@ NUMPY = {
   "consensus": np_consensus,
   "emr": np_emr_task0,
   "model_stock": np_model_stock,
+  "magmax": np_magmax,
+  "tsv_m": lambda b, e, scale: _np_spectral(b, e, scale, np_tsv_m),
+  "iso_c": lambda b, e, scale: _np_spectral(b, e, scale, np_iso_c),
+  "iso_cts": lambda b, e, scale: _np_spectral(b, e, scale, np_iso_cts),
 }

@@ -45,6 +45,11 @@ RULE_LABELS = {
   "breadcrumbs": "Breadcrumbs",
   "consensus": "Consensus (TA)",
   "emr": "EMR (task id)",
+  "magmax": "MagMax",
+  "tsv_m": "TSV-M",
+  "iso_c": "ISO-C",
+  "iso_cts": "ISO-CTS",
+  "tsv_c": "TSV-C (task id)",
 }
 
 
