@@ -194,6 +194,27 @@ class OrientationTest(parameterized.TestCase):
     self.assertEqual(merge.get_config("della").rule.layout, "auto")
 
 
+class FromDiskTest(absltest.TestCase):
+  def test_torch_named_safetensors_rank_per_output_neuron(self):
+    # A torch-named weight [out=2, in=3] on disk: "auto" resolves to "torch", so the rows are the
+    # output neurons (flax's reading would rank its columns, i.e. per input unit).
+    import tempfile
+
+    from mergejax.io import checkpoint
+
+    tmp = tempfile.mkdtemp()
+    w = OrientationTest.W
+    checkpoint.save_params(f"{tmp}/base.safetensors", {"fc": {"weight": np.zeros_like(w)}})
+    checkpoint.save_params(f"{tmp}/e.safetensors", {"fc": {"weight": w}})
+    config = merge.get_config("breadcrumbs")
+    config.base, config.experts = f"{tmp}/base.safetensors", (f"{tmp}/e.safetensors",)
+    config.rule.update(density=0.34, gamma=0.34, scale=1.0)
+    record = run.merge_from_disk(config, f"{tmp}/work")
+    out = checkpoint.load_params(record["outputs"][0])
+    leaf = np.asarray(jax.tree.leaves(out)[0])
+    np.testing.assert_array_equal(leaf, [[0, 0, 3.0], [0, 0, 4.0]])
+
+
 class DefaultsTest(absltest.TestCase):
   def test_della_official_example(self):
     h = rules.hparams_of("della")
