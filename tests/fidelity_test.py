@@ -237,6 +237,26 @@ class DefaultsTest(absltest.TestCase):
     np.testing.assert_allclose(out.mean(0), np.asarray(x[0]), rtol=0.2)
 
 
+class DensityOneTest(absltest.TestCase):
+  def test_reduce_to_task_arithmetic(self):
+    ta = rules.task_arithmetic(BASE, EXPERTS, scale=1.0, weights=WEIGHTS)
+    for layout in ("flax", "torch"):
+      for counting in ("floor", "round", "mergekit"):
+        out = rules.breadcrumbs(
+          BASE,
+          EXPERTS,
+          density=1.0,
+          gamma=0.0,
+          scale=1.0,
+          layout=layout,
+          counting=counting,
+          weights=WEIGHTS,
+        )
+        chex.assert_trees_all_close(out, ta, atol=1e-6)
+    out = rules.dare(BASE, EXPERTS, key=jax.random.key(0), density=1.0, weights=WEIGHTS)
+    chex.assert_trees_all_close(out, ta, atol=1e-6)
+
+
 class ConsensusTiesTest(absltest.TestCase):
   TAUS = [_vec(4.0, -1.0, 0.5, -3.0), _vec(-2.0, 3.0, 0.2, -2.5)]
 
