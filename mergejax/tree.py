@@ -121,36 +121,6 @@ def path_predicate(
   return predicate
 
 
-def select(
-  params: Params,
-  include: str | Iterable[str] | None = None,
-  exclude: str | Iterable[str] | None = None,
-) -> Params:
-  """Returns a tree of Python bools: True where the leaf path is selected.
-
-  Example: `select(params, include=r"encoder/.*/kernel")` picks the encoder's weight matrices.
-
-  Args:
-    params: the parameter tree.
-    include: see `path_predicate`.
-    exclude: see `path_predicate`.
-
-  Returns:
-    A tree with the structure of `params` whose leaves are static bools.
-
-  Raises:
-    ValueError: if a pattern is given and selects no leaf (a typo would otherwise merge nothing).
-  """
-  predicate = path_predicate(include, exclude)
-  mask = jax.tree.map_with_path(lambda p, _: predicate(path_str(p)), params)
-  if (include is not None or exclude is not None) and not any(jax.tree.leaves(mask)):
-    raise ValueError(
-      f"include={include!r}, exclude={exclude!r} select no leaf. Paths look like: "
-      f"{leaf_paths(params)[:5]}"
-    )
-  return mask
-
-
 def check_compatible(
   reference: Params,
   others: Sequence[Params],

@@ -33,7 +33,7 @@ def synthetic_problem():
 
 
 def test_recipe_only_method_is_one_file(tmp_path, monkeypatch, synthetic_problem):
-  recipe, _ = _extending_blocks()
+  recipe = _extending_blocks()[0]
   package = tmp_path / "readme_recipes"
   package.mkdir()
   (package / "__init__.py").write_text("")
@@ -54,7 +54,7 @@ def test_recipe_only_method_is_one_file(tmp_path, monkeypatch, synthetic_problem
 
 
 def test_new_parametrization_plugs_into_the_loop(synthetic_problem):
-  _, code = _extending_blocks()
+  code = _extending_blocks()[1]
   namespace = {"problem": synthetic_problem}
   exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102  (the README's own example)
   result = namespace["result"]

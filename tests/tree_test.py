@@ -22,17 +22,15 @@ def test_unflatten_conflict():
     tree.unflatten({"a": 1, "a/b": 2})
 
 
-def test_select_patterns():
-  mask = tree.select(_params(), include=r"encoder/.*/kernel")
-  assert tree.flatten(mask) == {
-    "encoder/0/bias": False,
-    "encoder/0/kernel": True,
-    "head/kernel": False,
-  }
-  mask = tree.select(_params(), exclude=["head/.*", ".*bias"])
-  assert [k for k, v in tree.flatten(mask).items() if v] == ["encoder/0/kernel"]
-  with pytest.raises(ValueError, match="select no leaf"):
-    tree.select(_params(), include="decoder")
+def test_path_predicate_full_match():
+  paths = tree.leaf_paths(_params())
+  keep = tree.path_predicate(include=r"encoder/.*/kernel")
+  assert [p for p in paths if keep(p)] == ["encoder/0/kernel"]
+  keep = tree.path_predicate(exclude=["head/.*", ".*bias"])
+  assert [p for p in paths if keep(p)] == ["encoder/0/kernel"]
+  # Patterns match the whole path (fullmatch), not a substring: "kernel" alone selects nothing.
+  assert not any(tree.path_predicate(include="kernel")(p) for p in paths)
+  assert tree.path_predicate()("anything/at/all")
 
 
 def test_num_params():

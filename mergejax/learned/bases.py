@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from mergejax import combine, sparsify
 from mergejax import task_vectors as task_vectors_lib
+from mergejax.tree import Params
 
-Params = Any
 BASES = ("task_vectors", "ties_split", "ties_trimmed", "dare")
 
 

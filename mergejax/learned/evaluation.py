@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import losses
+from mergejax.tree import Params
 
-Params = Any
 Batch = dict[str, jax.Array]
 ApplyFn = Callable[[Params, jax.Array, int], jax.Array]
 

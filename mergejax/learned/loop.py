@@ -41,8 +41,8 @@ from mergejax.learned import evaluation, objectives
 from mergejax.learned.parametrizations import Parametrization
 from mergejax.learned.problem import Augment
 from mergejax.learned.step import Compiled, TrainState, make_compiled, steps_per_epoch
+from mergejax.tree import Params
 
-Params = Any
 Coeffs = Any
 Batch = dict[str, jax.Array]
 ApplyFn = Callable[[Params, jax.Array, int], jax.Array]

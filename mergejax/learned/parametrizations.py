@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 
 from mergejax import tree as tree_lib
+from mergejax.tree import Params
 
-Params = Any
 Coeffs = Any  # A pytree of float arrays; opaque to the training loop.
 
 REST = "<rest>"  # Name of the block that collects leaves no path pattern matches.

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 
 import jax
 
-Params = Any
+from mergejax.tree import Params
+
 Batch = dict[str, jax.Array]
 ApplyFn = Callable[[Params, jax.Array, int], jax.Array]
 # x' = augment(key, x, view): view is "weak" or "strong" (a static string); jit-compatible.

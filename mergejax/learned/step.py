@@ -20,8 +20,8 @@ import optax
 from mergejax.learned import evaluation, mgda, objectives
 from mergejax.learned.parametrizations import Parametrization
 from mergejax.learned.problem import Augment
+from mergejax.tree import Params
 
-Params = Any
 Coeffs = Any
 Batch = dict[str, jax.Array]
 ApplyFn = Callable[[Params, jax.Array, int], jax.Array]

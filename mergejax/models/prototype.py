@@ -19,14 +19,13 @@ padding rows, so all tasks share one head shape (one compilation) and padding ne
 (1, True)
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Params = Any
+from mergejax.tree import Params
+
 PAD_LOGIT = -1e9  # Logit of padding classes: exp() underflows to 0, no NaN in log-softmax.
 
 

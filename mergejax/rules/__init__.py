@@ -12,13 +12,14 @@ Conventions:
 * Random rules take an explicit `key`; masks come from one key per (expert, leaf path).
 * Rules that build one model per task (EMR, TALL masks) return a `TaskSpecificMerge`.
 
-Modules: `spec` (the registry), `averaging`, `sparse`, `masks`, `geometric` (the rules),
+Modules: `spec` (the registry), `averaging`, `sparse`, `grid`, `masks`, `geometric` (the rules),
 `task_specific` (per-task results), `front_door` (`merge`).
 """
 
 from mergejax.rules.averaging import task_arithmetic, task_negation, weight_average
 from mergejax.rules.front_door import lower, merge
 from mergejax.rules.geometric import model_stock, slerp
+from mergejax.rules.grid import sparsify_combine
 from mergejax.rules.masks import (
   EMRMerged,
   TallMerged,
@@ -33,7 +34,6 @@ from mergejax.rules.sparse import (
   dare,
   dare_ties,
   della,
-  sparsify_combine,
   ties_merging,
 )
 from mergejax.rules.spec import (

@@ -2,7 +2,7 @@
 
 Each rule is θ = θ0 + λ · combine(sparsify(τ1..τT)) with a sparsifier from
 `mergejax.sparsify.SPARSIFIERS` and a combiner from `mergejax.combine.COMBINERS`; the named rules
-are points of `sparsify_combine`'s grid (tested).
+are points of `rules.grid.sparsify_combine`'s grid (tested).
 """
 
 from __future__ import annotations
@@ -268,64 +268,6 @@ def della(
   return tv.apply(base, _combine(vectors, combine, weights=weights), scale)
 
 
-# Which rule's paper defaults a sparsifier takes in `sparsify_combine` (one source per default).
-_DEFAULTS_FROM = {
-  "ties_trim": "ties",
-  "dare": "dare",
-  "breadcrumbs": "breadcrumbs",
-  "della": "della",
-}
-
-
-def sparsify_combine(
-  base: Params,
-  experts: Sequence[Params],
-  *,
-  sparsifier: str = "ties_trim",
-  combine: str = "sum",
-  key: jax.Array | None = None,
-  density: Any = None,
-  gamma: Any = None,
-  epsilon: Any = None,
-  scale: Any = 1.0,
-) -> Params:
-  """Any sparsifier followed by any combiner: θ = θ0 + λ · combine(sparsify(τ1..τT)).
-
-  The named rules are fixed points of this grid (TIES = ties_trim + ties, DARE-TIES = dare + ties,
-  Breadcrumbs = breadcrumbs + sum); the rest (TIES-trim + sum, Breadcrumbs + mean, ...) come free.
-
-  Args:
-    base: pre-trained parameters θ0.
-    experts: fine-tuned models θt.
-    sparsifier: a key of `sparsify.SPARSIFIERS`: "none", "ties_trim" (scope "model"), "dare"
-      (1/(1−p) rescale), "breadcrumbs" or "della" (per output neuron of flax kernels).
-    combine: "sum", "mean" or "ties" (mass election, disjoint mean).
-    key: PRNG key, required by the random sparsifiers ("dare", "della").
-    density: fraction kept by the sparsifier; None takes the matching rule's paper default
-      (TIES 0.2, DARE 0.1, Breadcrumbs 0.15, DELLA 0.7).
-    gamma: Breadcrumbs' outlier fraction; None: Breadcrumbs' default.
-    epsilon: DELLA's probability half-width; None: DELLA's default.
-    scale: λ.
-
-  Returns:
-    Merged parameters.
-  """
-  sparsifier_spec = sparsify.SPARSIFIERS[sparsifier]
-  if sparsifier_spec.random and key is None:
-    raise ValueError(f"sparsifier={sparsifier!r} is random: pass key=jax.random.key(seed).")
-  given = {"density": density, "gamma": gamma, "epsilon": epsilon}
-  hparams = {}
-  for name in sparsifier_spec.hparams:
-    value = given[name]
-    hparams[name] = (
-      spec.REGISTRY[_DEFAULTS_FROM[sparsifier]].defaults[name] if value is None else value
-    )
-  vectors = sparsify.apply_sparsifier(
-    sparsifier, tv.task_vectors(base, experts), key=key, **hparams
-  )
-  return tv.apply(base, _combine(vectors, combine), scale)
-
-
 def _della_window(hparams: dict[str, Any], num_experts: int) -> None:
   del num_experts
   d, e = hparams["density"], hparams["epsilon"]
@@ -398,15 +340,4 @@ spec.register(
   layout=LAYOUT,
   combine=COMBINE,
   weights=WEIGHTS,
-)
-spec.register(
-  "sparsify_combine",
-  sparsify_combine,
-  sparsifier=spec.choice(*sparsify.SPARSIFIERS),
-  combine=COMBINE,
-  key=spec.HParam("key", optional=True),
-  density=spec.HParam("float", 0.0, 1.0, "(]", optional=True),
-  gamma=spec.HParam("float", 0.0, 1.0, "[)", optional=True),
-  epsilon=spec.HParam("float", 0.0, 1.0, "[)", optional=True),
-  scale=spec.SCALE,
 )

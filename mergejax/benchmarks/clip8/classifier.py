@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.benchmarks.clip8.data import TaskData
+from mergejax.benchmarks.clip8.data import ImageSplit
 from mergejax.benchmarks.clip8.pool import ModelPool
 from mergejax.io import tokenizer as tokenizer_lib
 from mergejax.models import clip
@@ -195,7 +195,7 @@ def _correct(module, params, images, labels, valid):
 
 
 def evaluate(
-  module: ZeroShotClassifier, params: Params, data: TaskData, *, batch_size: int = 128
+  module: ZeroShotClassifier, params: Params, data: ImageSplit, *, batch_size: int = 128
 ) -> float:
   """Top-1 accuracy of a classifier on a preprocessed split.
 

@@ -19,8 +19,8 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".t
 
 
 @dataclasses.dataclass
-class TaskData:
-  """One task's split, preprocessed: uint8 pixels, int32 labels, class names in label order."""
+class ImageSplit:
+  """One split of a task's images: uint8 pixels, int32 labels, class names in label order."""
 
   images: np.ndarray  # [N, S, S, 3] uint8 (possibly a read-only memory map of the cache).
   labels: np.ndarray  # [N] int32
@@ -79,7 +79,7 @@ def load_task_data(
   image_size: int,
   cache_dir: str | pathlib.Path | None = None,
   max_examples: int | None = None,
-) -> TaskData:
+) -> ImageSplit:
   """Loads one task's split from local files and preprocesses it (cached).
 
   Layouts, tried in order:
@@ -104,7 +104,7 @@ def load_task_data(
   cached = pathlib.Path(cache_dir) / f"data_{key[:16]}" if cache_dir else None
   if cached and (cached / "meta.json").exists():
     meta = json.loads((cached / "meta.json").read_text())
-    return TaskData(
+    return ImageSplit(
       np.load(cached / "images.npy", mmap_mode="r"),
       np.load(cached / "labels.npy"),
       meta["classnames"],
@@ -131,7 +131,7 @@ def _subsample(n: int, max_examples: int | None) -> np.ndarray:
   return np.linspace(0, n - 1, max_examples).round().astype(int)
 
 
-def _load_image_folder(root, split, image_size, max_examples) -> TaskData:
+def _load_image_folder(root, split, image_size, max_examples) -> ImageSplit:
   from PIL import Image  # noqa: PLC0415
 
   folder = root / split
@@ -151,10 +151,10 @@ def _load_image_folder(root, split, image_size, max_examples) -> TaskData:
   keep = _subsample(len(files), max_examples)
   images = _decode_all([files[i] for i in keep], image_size, Image.open)
   names = _read_classnames(folder, _read_classnames(root, classes))
-  return TaskData(images, np.asarray(labels, np.int32)[keep], names)
+  return ImageSplit(images, np.asarray(labels, np.int32)[keep], names)
 
 
-def _load_hf_dataset(root, split, image_size, max_examples) -> TaskData:
+def _load_hf_dataset(root, split, image_size, max_examples) -> ImageSplit:
   try:
     import datasets  # noqa: PLC0415 (optional dependency)
   except ImportError as e:
@@ -167,4 +167,4 @@ def _load_hf_dataset(root, split, image_size, max_examples) -> TaskData:
   feature = loaded.features["label"]
   names = list(getattr(feature, "names", None) or map(str, range(max(loaded["label"]) + 1)))
   images = _decode_all(loaded["image"], image_size, lambda im: im)
-  return TaskData(images, np.asarray(loaded["label"], np.int32), _read_classnames(root, names))
+  return ImageSplit(images, np.asarray(loaded["label"], np.int32), _read_classnames(root, names))

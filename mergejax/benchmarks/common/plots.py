@@ -5,14 +5,12 @@ The statistics are NumPy helpers so they can be tested without drawing anything.
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
 from mergejax import tree as tree_lib
-
-Params = Any
+from mergejax.tree import Params
 
 
 def cosine_matrix(vectors: Sequence[Params]) -> np.ndarray:

@@ -26,6 +26,7 @@ from absl import logging
 
 from mergejax import finetune, provenance, rules
 from mergejax import task_vectors as tv_lib
+from mergejax import tree as tree_lib
 from mergejax.benchmarks.common import evaluate, plots
 from mergejax.benchmarks.common.data import stack_splits
 from mergejax.benchmarks.digits import learned as learned_lib
@@ -35,7 +36,6 @@ from mergejax.benchmarks.digits.learned import (  # noqa: F401 (the mark is re-e
   TRANSDUCTIVE_MARK,
 )
 
-Params = Any
 # Names in the printed table.
 RULE_LABELS = {
   "weight_average": "weight averaging",
@@ -191,7 +191,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     "cache_hit": zoo.cache_hit,
     "seconds": round(zoo_seconds, 2),
     "build": zoo.meta,
-    "num_backbone_params": zoo_lib.num_params(base),
+    "num_backbone_params": tree_lib.num_params(base),
   }
   paths = {}
   if config.plots:

@@ -16,15 +16,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 
 from mergejax import finetune, models, provenance
 from mergejax.benchmarks.common.data import TaskData, concat_splits
 from mergejax.benchmarks.digits.data import make_tasks
 from mergejax.io import checkpoint
+from mergejax.tree import Params
 
-Params = Any
 _META = "zoo.json"
 _CKPT = "params"
 
@@ -234,15 +233,3 @@ def load_or_build(
     meta=meta,
     cache_hit=hit,
   )
-
-
-def num_params(params: Params) -> int:
-  """Counts the scalars in a pytree.
-
-  Args:
-    params: any pytree of arrays.
-
-  Returns:
-    The total number of entries.
-  """
-  return int(sum(np.size(x) for x in jax.tree.leaves(params)))

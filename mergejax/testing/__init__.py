@@ -1,0 +1,1 @@
+"""Test support: reference implementations the tests and benchmarks compare against."""
