@@ -39,6 +39,10 @@ def rule_fields(rule_name: str) -> ml_collections.ConfigDict:
     if hparam.kind == "key":
       continue  # Keys come from config.seed (rules.add_key).
     default = spec.defaults[name]
+    if name == "layout":
+      # From disk, run.merge_from_disk resolves "auto": "flax" for orbax checkpoints or
+      # flax-named leaves (".../kernel"), else "torch" (safetensors / HF tensors, torch names).
+      default = "auto"
     if default is None:
       default = ml_collections.config_dict.placeholder(_PLACEHOLDER_TYPES.get(hparam.kind, str))
     fields[name] = default

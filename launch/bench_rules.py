@@ -63,6 +63,14 @@ RANDOM_RULES = {"dare", "dare_ties"}
 SPECTRAL_RULES = {"tsv_m", "iso_c", "iso_cts"}
 # Rules also timed with FusionBench's own functions (in its virtual environment) on the inputs.
 FUSIONBENCH_RULES = {"magmax", "tsv_m", "iso_c", "iso_cts"}
+# The settings the NumPy references below implement, where a rule's default is now another
+# (issue 10: DARE-TIES trims after the drop, Breadcrumbs ranks per output neuron with int()
+# counts, EMR's rescaler sums per-tensor means). Passed to mergejax only.
+JAX_SETTINGS = {
+  "dare_ties": {"trim_density": None},
+  "breadcrumbs": {"scope": "leaf", "counting": "round"},
+  "emr": {"rescaler": "paper"},
+}
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -169,7 +177,9 @@ def worker(impl: str, rule: str, layers: int, n_experts: int, repeats: int) -> d
     from mergejax import rules
 
     base, experts = make_inputs(layers, n_experts, convert=jnp.asarray)
-    kw = dict(hparams, key=jax.random.key(0)) if rule in RANDOM_RULES else dict(hparams)
+    kw = dict(hparams, **JAX_SETTINGS.get(rule, {}))
+    if rule in RANDOM_RULES:
+      kw["key"] = jax.random.key(0)
 
     def call():
       out = rules.merge(rule, base, experts, check_finite=False, **kw)

@@ -9,7 +9,7 @@ head whose rank is close to the number of tasks) for θ0 and each expert to an .
     (`TSVM_utils.compute_and_sum_svd_mem_reduction`, `iso_utils.iso_c`, `iso_utils.iso_cts`,
     `magmax.magmax_merge`), θ = θ0 + α · Δ as its algorithms do;
   * runs mergejax's rules through `rules.merge` on the *flax* layout (2-D leaves transposed to
-    [in, out]) and transposes back; ISO-CTS also on the torch layout with layout="out_in";
+    [in, out]) and transposes back; ISO-CTS also on the torch layout with layout="torch";
 and prints, per rule and per number of experts, the max abs difference and the relative error
 ‖mergejax − FusionBench‖ / ‖FusionBench − θ0‖ over all leaves. MagMax must agree exactly.
 The last row is a control that must disagree: ISO-CTS on flax kernels told they are torch-layout
@@ -119,9 +119,9 @@ def mergejax_outputs(data, num_experts: int) -> dict[str, np.ndarray]:
     base = tree("base", flax)
     experts = [tree(f"e{t}", flax) for t in range(num_experts)]
     runs = (
-      {**CASES, "magmax": MAGMAX, "iso_cts[wrong_layout]": dict(CASES["iso_cts"], layout="out_in")}
+      {**CASES, "magmax": MAGMAX, "iso_cts[wrong_layout]": dict(CASES["iso_cts"], layout="torch")}
       if flax
-      else {"iso_cts[out_in]": dict(CASES["iso_cts"], layout="out_in")}
+      else {"iso_cts[out_in]": dict(CASES["iso_cts"], layout="torch")}
     )
     for rule, kw in runs.items():
       merged = rules.merge(rule.split("[")[0], base, experts, **kw)

@@ -46,20 +46,54 @@ def elect_sign(
   return jax.tree.map(lambda s: jnp.where(s > 0, 1.0, jnp.where(s < 0, -1.0, fallback)), score)
 
 
-def disjoint_merge(vectors: Sequence[Params], sign: Params, *, reduce: str = "mean") -> Params:
+def weigh(vectors: Sequence[Params], weights: jax.Array | Sequence[float] | None) -> list[Params]:
+  """Per-expert weights wt · τt (mergekit's `weight`); None leaves the vectors as they are.
+
+  Args:
+    vectors: task vectors.
+    weights: a scalar, one weight per vector, or None.
+
+  Returns:
+    The weighted vectors.
+  """
+  if weights is None:
+    return list(vectors)
+  w = _weights(weights, len(vectors))
+  return [jax.tree.map(lambda x, t=t: x * w[t], v) for t, v in enumerate(vectors)]
+
+
+def _weights(weights, n: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (n,))
+
+
+def _safe_divisor(d: jax.Array) -> jax.Array:
+  # mergekit's rule: a (near-)zero total weight divides by 1.
+  return jnp.where(jnp.abs(d) < 1e-8, 1.0, d)
+
+
+def disjoint_merge(
+  vectors: Sequence[Params],
+  sign: Params,
+  *,
+  reduce: str = "mean",
+  weights: jax.Array | Sequence[float] | None = None,
+) -> Params:
   """TIES disjoint merge: combines, per entry, only the non-zero entries that agree with `sign`.
 
   Args:
-    vectors: (trimmed) task vectors.
+    vectors: (trimmed, weighted) task vectors.
     sign: elected sign tree (±1), e.g. from `elect_sign`.
     reduce: "mean" over agreeing tasks (paper), "sum" (FusionBench default), or "max" (largest
       agreeing magnitude, with the elected sign).
+    weights: the per-expert weights already applied to `vectors` (see `weigh`): "mean" then
+      divides by Σt wt over the agreeing tasks (mergekit's `normalize`) instead of their count.
 
   Returns:
     The merged task vector; 0 where no task agrees.
   """
   if reduce not in REDUCTIONS:
     raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}.")
+  w = None if weights is None else _weights(weights, len(vectors))
 
   def merge_leaf(s, *xs):
     agree = [jnp.where(s > 0, x > 0, x < 0) for x in xs]
@@ -68,6 +102,8 @@ def disjoint_merge(vectors: Sequence[Params], sign: Params, *, reduce: str = "me
     total = sum(jnp.where(a, x, 0.0) for a, x in zip(agree, xs, strict=True))
     if reduce == "sum":
       return total
+    if w is not None:
+      return total / _safe_divisor(sum(jnp.where(a, w[t], 0.0) for t, a in enumerate(agree)))
     count = sum(a.astype(jnp.float32) for a in agree)
     return total / jnp.maximum(count, 1.0)
 
@@ -87,37 +123,51 @@ def ties_combine(
   election: str = "mass",
   reduce: str = "mean",
   total: jax.Array | None = None,
+  weights: jax.Array | Sequence[float] | None = None,
 ) -> Params:
-  """Elect + disjoint merge (TIES steps 2-3) on already sparsified task vectors."""
+  """Elect + disjoint merge (TIES steps 2-3) on already sparsified task vectors.
+
+  With `weights`, mergekit's order: the vectors are weighted first, the sign is elected on
+  Σt wt τt, and "mean" divides by the agreeing tasks' Σ wt (`total`, if given, must be of the
+  weighted vectors).
+  """
+  vectors = weigh(vectors, weights)
   sign = elect_sign(vectors, election=election, total=total)
-  return disjoint_merge(vectors, sign, reduce=reduce)
+  return disjoint_merge(vectors, sign, reduce=reduce, weights=weights)
 
 
-def sum_combine(vectors: Sequence[Params]) -> Params:
-  """Σt τt (task arithmetic)."""
-  return tv.add(*vectors)
+def sum_combine(vectors: Sequence[Params], weights=None) -> Params:
+  """Σt wt τt (task arithmetic; wt = 1 without weights)."""
+  return tv.add(*weigh(vectors, weights))
 
 
-def mean_combine(vectors: Sequence[Params]) -> Params:
-  """(1/T) Σt τt (weight averaging, in task-vector form)."""
-  return tv.mean(vectors)
+def mean_combine(vectors: Sequence[Params], weights=None) -> Params:
+  """Σt wt τt / Σt wt ((1/T) Σt τt without weights: weight averaging in task-vector form)."""
+  if weights is None:
+    return tv.mean(vectors)
+  total = _safe_divisor(jnp.sum(_weights(weights, len(vectors))))
+  return jax.tree.map(lambda x: x / total, sum_combine(vectors, weights))
 
 
 COMBINERS = {"sum": sum_combine, "mean": mean_combine, "ties": ties_combine}
 
 
-def tall_masks(vectors: Sequence[Params], lambdas: jax.Array | float) -> list[Params]:
+def tall_masks(
+  vectors: Sequence[Params], lambdas: jax.Array | float, multi: Params | None = None
+) -> list[Params]:
   """TALL masks (Wang et al. 2024): m_t = 1[|τt| ≥ λt · |τMTL − τt|], τMTL = Σt τt.
 
   Args:
     vectors: task vectors.
     lambdas: scalar or one λt per task (paper searches λt in [0.2, 0.6] on validation).
+    multi: the merged task vector the masks compare against; None: Σt τt (TALL, Consensus TA).
+      Consensus TIES passes τ_TIES (the masks then compare θt with θ0 + τ_TIES).
 
   Returns:
     One boolean tree per task.
   """
   lam = jnp.broadcast_to(jnp.asarray(lambdas, jnp.float32), (len(vectors),))
-  multi = tv.add(*vectors)
+  multi = tv.add(*vectors) if multi is None else multi
   return [
     jax.tree.map(lambda x, m, t=t: jnp.abs(x) >= lam[t] * jnp.abs(m - x), v, multi)
     for t, v in enumerate(vectors)

@@ -203,6 +203,8 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   # 2. Hyper-parameters: the config's rule dict, plus a key for random rules.
   rule_hparams = config.rule.to_dict() if config.rule else {}
   hparams = rules.add_key(config.rule_name, rule_hparams, config.seed)
+  if hparams.get("layout") == "auto":
+    hparams["layout"] = weight_layout(base, checkpoint.checkpoint_format(base_path))
 
   # 3. Merge (NaN/Inf in the inputs or the result raise here, before anything is written).
   with phases("merge"):
@@ -244,6 +246,23 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
     atomic.write_text(stage / "run.json", json.dumps(record, indent=2, default=str))
   logging.info("Wrote %s", record["outputs"])
   return record
+
+
+def weight_layout(params: Any, fmt: str) -> str:
+  """The layout of a checkpoint's 2-D weights, for the rules whose rows are per output neuron.
+
+  Args:
+    params: the loaded tree.
+    fmt: its `checkpoint.checkpoint_format`.
+
+  Returns:
+    "flax" ([in, out]) for orbax checkpoints and trees with flax-named leaves (".../kernel"),
+    "torch" ([out, in]) for safetensors / Hugging Face / torch tensors kept with their torch names.
+  """
+  paths = [tree_lib.path_str(p) for p, _ in jax.tree.flatten_with_path(params)[0]]
+  if fmt == "orbax" or any(p.rsplit("/", 1)[-1] == "kernel" for p in paths):
+    return "flax"
+  return "torch"
 
 
 def _cast_like(x: Any, ref: Any) -> Any:

@@ -301,15 +301,46 @@ def kth_largest_magnitude_per_row(x: jax.Array, k: jax.Array | int) -> jax.Array
   return lax.bitcast_convert_type(lo, jnp.float32)
 
 
-def count_for_fraction(size: int, fraction: jax.Array | float) -> jax.Array:
-  """Returns k = clip(round(fraction * size), 1, size) as int32 (traced if `fraction` is).
+ROUNDINGS = ("round", "floor", "floor_min1")
+# Relative nudge of a traced float32 count before flooring: d·n that is an integer in decimal
+# (0.7 · 10) counts as that integer, as Python's float64 int() does, despite float32's rounding.
+_FLOOR_NUDGE = 1.0 + 2.0**-21
+
+
+def count_for_fraction(
+  size: int, fraction: jax.Array | float, rounding: str = "round"
+) -> jax.Array:
+  """Returns how many of `size` entries a kept (or dropped) `fraction` means, as int32.
+
+  Counting rules (who uses which):
+    "round": clip(round(fraction · size), 1, size) (mergejax's default for TIES);
+    "floor": clip(int(fraction · size), 0, size) (Python's `int()`, the Breadcrumbs reference
+      and mergekit's outlier counts; may be 0);
+    "floor_min1": clip(int(fraction · size), 1, size) (mergekit's `magnitude`: at least one kept).
+
+  A concrete `fraction` (Python or NumPy number) is counted in float64 exactly as Python's
+  `int(fraction * size)`. A traced one is float32: the floor is taken after a relative nudge of
+  2^-21, so it matches Python's count whenever fraction · size < 2^21 (up to float64 artefacts
+  such as int(0.57 * 100) = 56, counted 57 here).
 
   Args:
     size: number of entries (static).
-    fraction: fraction to keep, in (0, 1].
+    fraction: fraction, in [0, 1]; may be traced.
+    rounding: one of `ROUNDINGS`.
 
   Returns:
     int32 scalar.
   """
-  k = jnp.round(jnp.asarray(fraction, jnp.float32) * size).astype(jnp.int32)
-  return jnp.clip(k, 1, size)
+  if rounding not in ROUNDINGS:
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}.")
+  low = 0 if rounding == "floor" else 1
+  if isinstance(fraction, int | float | np.number) and not isinstance(fraction, bool):
+    product = float(fraction) * size
+    k = round(product) if rounding == "round" else int(product)
+    return jnp.asarray(min(max(k, low), size), jnp.int32)
+  product = jnp.asarray(fraction, jnp.float32) * size
+  if rounding == "round":
+    k = jnp.round(product)
+  else:
+    k = jnp.floor(product * _FLOOR_NUDGE)
+  return jnp.clip(k.astype(jnp.int32), low, size)

@@ -9,21 +9,34 @@ depends on leaf order, on which other leaves exist, or on the device.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
 from mergejax import selection
-from mergejax.tree import Params, path_str, to_compute
+from mergejax.leaf_random import (  # noqa: F401 (re-exported: the sparsifiers' randomness)
+  _map_with_uniforms,
+  leaf_key,
+  leaf_key_data,
+  uniform_from_key_data,
+)
+from mergejax.tree import Params, to_compute
 
 TRIM_SCOPES = ("model", "leaf")
 ROW_SCOPES = ("leaf", "row")
 RESCALES = ("inverse", "l1", "none")
+# How a 2-D weight is laid out: flax kernels are [in, out], torch (safetensors, Hugging Face, with
+# their torch names) weights [out, in]. "Per output neuron" rows run along the input axis.
+LAYOUTS = ("flax", "torch")
+# Counting rules of a trim (see `selection.count_for_fraction`): "round" (mergejax), "mergekit"
+# (mergekit's `magnitude`: max(1, int(d·n))).
+TRIM_COUNTINGS = ("round", "mergekit")
+# Breadcrumbs: "floor" (the reference's int() counts), "round" (mergejax before issue 10: at least
+# one kept), "mergekit" (`magnitude_outliers`: int() counts, fewer outliers dropped when
+# int(γn) + int(dn) > n, and density 1 returns the leaf untouched).
+BREADCRUMBS_COUNTINGS = ("floor", "round", "mergekit")
 
 
 def trim_top_fraction(
@@ -32,6 +45,7 @@ def trim_top_fraction(
   *,
   scope: str = "model",
   method: str = "auto",
+  counting: str = "round",
 ) -> list[Params]:
   """TIES trim: keeps the largest-|τ| `density` fraction of each task vector, zeroes the rest.
 
@@ -40,16 +54,18 @@ def trim_top_fraction(
 
   Args:
     vectors: task vectors.
-    density: fraction kept, in (0, 1]; k = clip(round(density · n), 1, n). May be traced.
+    density: fraction kept, in (0, 1]; may be traced.
     scope: "model": one threshold over all leaves of a task vector together (paper);
       "leaf": one threshold per leaf (mergekit).
     method: selection backend, see `selection.top_k_stats`.
+    counting: k per group: "round": clip(round(density · n), 1, n); "mergekit":
+      max(1, int(density · n)) (see `selection.count_for_fraction`).
 
   Returns:
     The trimmed task vectors.
   """
   leaves = [jax.tree.leaves(v) for v in vectors]
-  trimmed, _ = _trim(leaves, None, density, scope, method)
+  trimmed, _ = _trim(leaves, None, density, scope, method, counting=counting)
   return [
     jax.tree.unflatten(jax.tree.structure(v), t) for v, t in zip(vectors, trimmed, strict=True)
   ]
@@ -63,6 +79,7 @@ def trim_experts(
   scope: str = "model",
   method: str = "auto",
   stats: selection.TopKStats | None = None,
+  counting: str = "round",
 ) -> tuple[list[Params], selection.TopKStats]:
   """`trim_top_fraction` of the experts' task vectors, computed from θt and θ0 directly.
 
@@ -77,6 +94,7 @@ def trim_experts(
     scope: "model" or "leaf" (see `trim_top_fraction`).
     method: selection backend, see `selection.top_k_stats`.
     stats: precomputed statistics (see `trim_stats_eager`); skips the selection.
+    counting: "round" or "mergekit" (see `trim_top_fraction`).
 
   Returns:
     (trimmed float32 task vectors, `TopKStats` with one entry per expert — or per expert and
@@ -84,27 +102,35 @@ def trim_experts(
   """
   base_leaves = jax.tree.leaves(base)
   leaves = [jax.tree.leaves(e) for e in experts]
-  trimmed, stats = _trim(leaves, base_leaves, density, scope, method, stats)
+  trimmed, stats = _trim(leaves, base_leaves, density, scope, method, stats, counting)
   treedef = jax.tree.structure(base)
   return [jax.tree.unflatten(treedef, t) for t in trimmed], stats
 
 
-def _groups(leaves, base_leaves, density, scope):
+def _groups(leaves, base_leaves, density, scope, counting="round"):
   """The selection problems of a trim: one group per expert (or per expert and leaf)."""
   if scope not in TRIM_SCOPES:
     raise ValueError(f"scope must be one of {TRIM_SCOPES}, got {scope!r}.")
+  if counting not in TRIM_COUNTINGS:
+    raise ValueError(f"counting must be one of {TRIM_COUNTINGS}, got {counting!r}.")
+  rounding = "floor_min1" if counting == "mergekit" else "round"
   if scope == "model":
     groups = leaves
     origins = None if base_leaves is None else [base_leaves] * len(leaves)
   else:
     groups = [[x] for g in leaves for x in g]
     origins = None if base_leaves is None else [[b] for _ in leaves for b in base_leaves]
-  ks = [selection.count_for_fraction(sum(x.size for x in g), density) for g in groups]
+  ks = [selection.count_for_fraction(sum(x.size for x in g), density, rounding) for g in groups]
   return groups, origins, ks
 
 
 def trim_stats_eager(
-  base: Params, experts: Sequence[Params], density: float, *, scope: str = "model"
+  base: Params,
+  experts: Sequence[Params],
+  density: float,
+  *,
+  scope: str = "model",
+  counting: str = "round",
 ) -> selection.TopKStats:
   """The statistics `trim_experts` needs, from concrete CPU arrays, outside jit (fast path).
 
@@ -113,18 +139,19 @@ def trim_stats_eager(
     experts: fine-tuned models θt (concrete arrays).
     density: fraction kept.
     scope: "model" or "leaf".
+    counting: "round" or "mergekit" (see `trim_top_fraction`).
 
   Returns:
     The `TopKStats` to pass as `trim_experts(..., stats=...)`.
   """
   leaves = [jax.tree.leaves(e) for e in experts]
-  groups, origins, ks = _groups(leaves, jax.tree.leaves(base), density, scope)
+  groups, origins, ks = _groups(leaves, jax.tree.leaves(base), density, scope, counting)
   return selection.top_k_stats_eager(groups, [int(k) for k in ks], origins=origins)
 
 
-def _trim(leaves, base_leaves, density, scope, method, stats=None):
+def _trim(leaves, base_leaves, density, scope, method, stats=None, counting="round"):
   """Shared body: thresholds from `selection.top_k_stats`, then a lazy `where` per leaf."""
-  groups, origins, ks = _groups(leaves, base_leaves, density, scope)
+  groups, origins, ks = _groups(leaves, base_leaves, density, scope, counting)
   if stats is None:
     stats = selection.top_k_stats(groups, jnp.stack(ks), origins=origins, method=method)
 
@@ -137,91 +164,6 @@ def _trim(leaves, base_leaves, density, scope, method, stats=None):
       out.append(jnp.where(jnp.abs(d) >= th, d, 0.0))
     trimmed.append(out)
   return trimmed, stats
-
-
-def leaf_key(key: jax.Array, expert_index: int, path: str) -> jax.Array:
-  """Returns the PRNG key for one leaf of one expert: fold_in(fold_in(key, expert), crc32(path)).
-
-  crc32 (not Python's salted `hash`) keeps keys identical across processes and machines.
-
-  Args:
-    key: the run's key.
-    expert_index: position of the expert in the list.
-    path: the leaf's "a/b/c" path.
-
-  Returns:
-    A key that depends only on (key, expert_index, path).
-  """
-  return jax.random.fold_in(jax.random.fold_in(key, expert_index), _path_hash(path))
-
-
-def _path_hash(path: str) -> int:
-  return zlib.crc32(path.encode()) & 0x7FFFFFFF
-
-
-def leaf_key_data(key: jax.Array, num_experts: int, paths: Sequence[str]) -> jax.Array:
-  """Raw data of `leaf_key(key, t, path)` for every expert t and path, in one vectorized call.
-
-  One batched fold_in instead of one per leaf and expert: each threefry call site costs XLA ~0.1 s
-  of compile time on CPU, which for 8 experts x 150 leaves came to minutes.
-
-  Args:
-    key: the run's key (any PRNG implementation).
-    num_experts: T.
-    paths: the L leaf paths.
-
-  Returns:
-    uint32 array [T, L, W] (W = key words of the PRNG implementation).
-  """
-  experts = jnp.repeat(jnp.arange(num_experts, dtype=jnp.uint32), len(paths))
-  hashes = jnp.tile(jnp.asarray([_path_hash(p) for p in paths], jnp.uint32), num_experts)
-  keys = jax.vmap(lambda t, h: jax.random.fold_in(jax.random.fold_in(key, t), h))(experts, hashes)
-  data = jax.random.key_data(keys)
-  return data.reshape(num_experts, len(paths), data.shape[-1])
-
-
-def _fmix32(x: jax.Array) -> jax.Array:
-  """MurmurHash3's 32-bit finalizer: a bijection on uint32 with full avalanche."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
-
-def uniform_from_key_data(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Counter-based uniforms in [0, 1): u_i = hash(i, key words), 24-bit resolution.
-
-  Each entry is a pure function of its index and the leaf's jax.random key, so masks are
-  independent of leaf order, device and sharding, fuse into the merge's elementwise pass (no
-  random-bit buffer), and compile in milliseconds. Threefry bits per leaf measured ~15x slower on
-  CPU, held a bit buffer per leaf and expert, and took minutes to compile for a ViT.
-
-  Args:
-    key_data: uint32 [W] words of a leaf key (from `leaf_key_data`).
-    shape: the leaf's shape.
-
-  Returns:
-    float32 array of `shape`.
-  """
-  size = int(np.prod(shape)) if shape else 1
-  x = lax.iota(jnp.uint32, size).reshape(shape) * jnp.uint32(0x9E3779B9)
-  for w in range(key_data.shape[-1]):
-    x = _fmix32(x ^ key_data[w])
-  return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
-
-
-def _map_with_uniforms(vectors: Sequence[Params], key: jax.Array, fn) -> list[Params]:
-  """Returns, per vector, the tree of `fn(leaf, uniforms shaped like leaf)`, one key per
-  (expert, leaf path)."""
-  paths = [path_str(p) for p, _ in jax.tree.flatten_with_path(vectors[0])[0]]
-  data = leaf_key_data(key, len(vectors), paths)
-  out = []
-  for t, vector in enumerate(vectors):
-    leaves, treedef = jax.tree.flatten(vector)
-    new = [fn(x, uniform_from_key_data(data[t, i], x.shape)) for i, x in enumerate(leaves)]
-    out.append(jax.tree.unflatten(treedef, new))
-  return out
 
 
 def random_drop(
@@ -259,11 +201,29 @@ def random_drop(
   return _map_with_uniforms(vectors, key, drop)
 
 
-def _as_rows(x: jax.Array, scope: str) -> jax.Array:
-  """Views a leaf as rows: [1, n] for scope "leaf", [-1, last_dim] for scope "row"."""
-  if scope == "leaf" or x.ndim < 2:
-    return x.reshape(1, -1)
-  return x.reshape(-1, x.shape[-1])
+def _row_axis(ndim: int, layout: str, torch_axis: int) -> int | None:
+  """The axis a row runs along ("per output neuron"), or None for one row per leaf.
+
+  Leaves of rank < 2 are one row. A torch weight [out, in, ...] runs along `torch_axis` (the
+  reference code's axis); a flax kernel [..., in, out] along its input axis, ndim − 2 (axis 0 of
+  a 2-D kernel, where the torch weight's axis 1 lands).
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+  if ndim < 2:
+    return None
+  return torch_axis % ndim if layout == "torch" else ndim - 2
+
+
+def _view_rows(x: jax.Array, scope: str, axis: int | None):
+  """`x` as rows [r, m] (one row for scope "leaf" or `axis` None), and the inverse view."""
+  if scope not in ROW_SCOPES:
+    raise ValueError(f"scope must be one of {ROW_SCOPES}, got {scope!r}.")
+  if scope == "leaf" or axis is None:
+    return x.reshape(1, -1), lambda rows: rows.reshape(x.shape)
+  moved = jnp.moveaxis(x, axis, -1)
+  restore = lambda rows: jnp.moveaxis(rows.reshape(moved.shape), -1, axis)  # noqa: E731
+  return moved.reshape(-1, moved.shape[-1]), restore
 
 
 def breadcrumbs(
@@ -271,35 +231,61 @@ def breadcrumbs(
   density: jax.Array | float,
   gamma: jax.Array | float,
   *,
-  scope: str = "leaf",
+  scope: str = "row",
+  layout: str = "flax",
+  counting: str = "floor",
 ) -> list[Params]:
-  """Model Breadcrumbs mask: drops the top-`gamma` outliers by |τ| and everything below the
-  next `density` fraction, per leaf (or per row along the last axis).
+  """Model Breadcrumbs mask: drops the top-`gamma` outliers by |τ| and keeps the next
+  `density` fraction, per row (each output neuron's fan-in) or per leaf; zeroes the rest.
 
-  Unlike mergekit, a leaf with gamma · n < 1 drops no outlier instead of being zeroed whole.
+  The reference code (rezazzr/breadcrumbs, `TaskVectorMiddleKeep`) works along the last axis of
+  each torch tensor: per row of a 2-D `[out, in]` weight (per output neuron), a 1-D leaf whole,
+  a 0-D leaf untouched; here the same for 0-, 1- and 2-D leaves in both layouts. Leaves of rank
+  ≥ 3 run along the torch tensor's last axis (the reference's) or, for a flax kernel, along its
+  input axis ndim − 2 (no reference counterpart).
+
+  Counts per row of m entries ("floor", the reference): n_top = int(γm) outliers dropped, then the
+  n_keep = int(dm) largest of the rest kept (int(dm) = 0 keeps nothing). "round": n_keep =
+  clip(round(dm), 1, m). "mergekit" (`magnitude_outliers`, usually with scope "leaf"): int()
+  counts, n_top lowered to m − n_keep when both do not fit, density 1 leaves the leaf untouched.
 
   Args:
     vectors: task vectors.
     density: fraction kept (after the outliers), in (0, 1]; may be traced.
     gamma: fraction of largest entries dropped as outliers, in [0, 1); may be traced.
-    scope: "leaf" or "row" (rows along the last axis, as the reference code for 2-D weights).
+    scope: "row" (reference) or "leaf" (one ranking per leaf, as mergekit).
+    layout: "flax" ([in, out] kernels, `hf.load_pretrained`'s layout and flax models) or
+      "torch" ([out, in] weights as stored in safetensors / Hugging Face files with their torch
+      names). The caller knows it from where the tree comes from; `run.merge_from_disk` resolves
+      the CLI's "auto" from the checkpoint (see configs/merge.py).
+    counting: "floor", "round" or "mergekit" (above).
 
   Returns:
     The masked task vectors (no rescaling; Breadcrumbs scales the sum by α afterwards).
   """
-  if scope not in ROW_SCOPES:
-    raise ValueError(f"scope must be one of {ROW_SCOPES}, got {scope!r}.")
+  if counting not in BREADCRUMBS_COUNTINGS:
+    raise ValueError(f"counting must be one of {BREADCRUMBS_COUNTINGS}, got {counting!r}.")
 
-  def mask_leaf(x):
-    rows = _as_rows(x, scope)
+  def mask_rows(rows):
     m = rows.shape[-1]
-    n_top = jnp.floor(jnp.asarray(gamma, jnp.float32) * m).astype(jnp.int32)
-    n_keep = selection.count_for_fraction(m, density)
+    n_top = selection.count_for_fraction(m, gamma, "floor")
+    n_keep = selection.count_for_fraction(m, density, "round" if counting == "round" else "floor")
+    if counting == "mergekit":
+      n_top = jnp.minimum(n_top, m - n_keep)
     upper = selection.kth_largest_magnitude_per_row(rows, jnp.maximum(n_top, 1))
-    lower = selection.kth_largest_magnitude_per_row(rows, jnp.minimum(n_top + n_keep, m))
+    lower = selection.kth_largest_magnitude_per_row(rows, jnp.clip(n_top + n_keep, 1, m))
     magnitude = jnp.abs(rows)
     keep = (magnitude >= lower[:, None]) & ((n_top == 0) | (magnitude < upper[:, None]))
-    return jnp.where(keep, rows, 0.0).reshape(x.shape)
+    out = jnp.where(keep & (n_keep > 0), rows, 0.0)
+    if counting == "mergekit":
+      out = jnp.where(jnp.asarray(density) >= 1.0, rows, out)
+    return out
+
+  def mask_leaf(x):
+    if scope == "row" and x.ndim == 0:
+      return x  # The reference leaves scalars as they are.
+    rows, restore = _view_rows(x, scope, _row_axis(x.ndim, layout, -1))
+    return restore(mask_rows(rows))
 
   return [jax.tree.map(mask_leaf, v) for v in vectors]
 
@@ -311,33 +297,37 @@ def della_drop(
   epsilon: jax.Array | float,
   *,
   scope: str = "row",
+  layout: str = "flax",
 ) -> list[Params]:
   """DELLA MagPrune: drop with a keep probability that grows with magnitude rank, rescale by 1/p.
 
-  Within a row (or leaf), the entry of rank r (0 = smallest |τ|, m − 1 = largest) is kept with
-  probability p_r = density − ε + 2ε · r / (m − 1), and survivors are divided by p_r.
+  Within a row, the entry of rank r (0 = smallest |τ|, m − 1 = largest) is kept with probability
+  p_r = density − ε + 2ε · r / (m − 1), and survivors are divided by p_r. Rows are per output
+  neuron as in the reference (declare-lab/della ranks along dim 1 of the torch `[out, in]`
+  weight): the input axis of either layout; 0- and 1-D leaves are one row. The reference's
+  `window_size` is the whole width 2ε.
 
   Args:
     vectors: task vectors.
     key: PRNG key; leaf keys come from `leaf_key`.
-    density: mean keep probability, in (0, 1]; may be traced.
+    density: mean keep probability (1 − the reference's drop rate), in (0, 1]; may be traced.
     epsilon: half-width of the probability range; density ± ε must stay in (0, 1].
-    scope: "row" (rows along the last axis, paper) or "leaf".
+    scope: "row" (per output neuron, reference) or "leaf".
+    layout: "flax" or "torch" (see `breadcrumbs`).
 
   Returns:
     The sparsified, rescaled task vectors.
   """
-  if scope not in ROW_SCOPES:
-    raise ValueError(f"scope must be one of {ROW_SCOPES}, got {scope!r}.")
 
   def drop(x, uniform):
-    rows = _as_rows(x, scope)
+    axis = _row_axis(x.ndim, layout, 1)
+    rows, restore = _view_rows(x, scope, axis)
+    u, _ = _view_rows(uniform, scope, axis)
     m = rows.shape[-1]
     rank = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=-1), axis=-1).astype(jnp.float32)
     spread = rank / max(m - 1, 1) * 2.0 - 1.0 if m > 1 else jnp.zeros_like(rank)
     p = jnp.clip(density + epsilon * spread, 1e-6, 1.0)
-    keep = uniform.reshape(rows.shape) < p
-    return jnp.where(keep, rows / p, 0.0).reshape(x.shape)
+    return restore(jnp.where(u < p, rows / p, 0.0))
 
   return _map_with_uniforms(vectors, key, drop)
 

@@ -18,7 +18,12 @@ from mergejax.io import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Anchor variants of configs/merge.py: (module, the rule it configures).
-VARIANTS = {"ties_fusionbench": "ties"}
+VARIANTS = {
+  "ties_fusionbench": "ties",
+  "ties_mergekit": "ties",
+  "breadcrumbs_mergekit": "breadcrumbs",
+  "dare_ties_mergekit": "dare_ties",
+}
 
 
 def _load_config(name):
@@ -46,6 +51,9 @@ def test_every_rule_config_holds_its_defaults(name):
   assert config.rule_name == name
   assert set(config.rule) == {k for k in defaults if k != "key"}
   for key, value in config.rule.items():
+    if key == "layout":  # From disk, run.merge_from_disk resolves it from the checkpoint.
+      assert value == "auto"
+      continue
     assert value == defaults[key], f"{name}: {key}={value} differs from the rule's default"
 
 

@@ -8,14 +8,19 @@ import pytest
 from mergejax import rules
 from mergejax.testing import numpy_reference as ref
 
-# Hyper-parameters of each comparison; Breadcrumbs' reference works on the whole leaf.
+# Hyper-parameters of each comparison, and the settings the NumPy restatements implement where a
+# rule's default is another (issue 10): Breadcrumbs per leaf with round() counts, EMR's paper
+# rescaler, DARE-TIES without the trim.
 _CASES = {
   "task_arithmetic": ({"scale": 0.3}, {}),
   "weight_average": ({}, {}),
   "ties": ({"density": 0.2, "scale": 1.0}, {}),
-  "breadcrumbs": ({"density": 0.15, "gamma": 0.05, "scale": 0.2}, {"scope": "leaf"}),
+  "breadcrumbs": (
+    {"density": 0.15, "gamma": 0.05, "scale": 0.2},
+    {"scope": "leaf", "counting": "round"},
+  ),
   "consensus": ({"tall_lambda": 0.4, "min_tasks": 2, "scale": 0.3}, {}),
-  "emr": ({}, {}),
+  "emr": ({}, {"rescaler": "paper"}),
   "model_stock": ({}, {}),
   "magmax": ({"scale": 0.5}, {}),
   "tsv_m": ({"scale": 1.0}, {}),
@@ -55,7 +60,10 @@ def test_random_rules_match_by_statistics(rule, combine):
   experts = [
     {"w": np.random.default_rng(i).standard_normal((200, 100), np.float32)} for i in (1, 2)
   ]
-  ours = rules.merge(rule, base, experts, key=jax.random.key(0), density=0.3, scale=1.0)["w"]
+  extra = {"trim_density": None} if rule == "dare_ties" else {}
+  ours = rules.merge(rule, base, experts, key=jax.random.key(0), density=0.3, scale=1.0, **extra)[
+    "w"
+  ]
   theirs = ref.np_dare(base, experts, 0.3, 1.0, combine)["w"]
   kept_ours, kept_theirs = np.mean(np.asarray(ours) != 0), np.mean(theirs != 0)
   assert abs(kept_ours - kept_theirs) < 0.02

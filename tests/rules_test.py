@@ -95,14 +95,14 @@ class HandWorkedTest(chex.TestCase):
     # gamma 0.1 drops the top 1 (10); density 0.3 keeps the next 3 (9, 8, 7).
     out = fn(_zeros(10), [tau], density=0.3, gamma=0.1, scale=1.0)
     chex.assert_trees_all_close(out, _vec(0, 0, 0, 0, 0, 0, 0, 7.0, 8.0, 9.0))
-    # gamma * n < 1 drops no outlier (mergekit zeroes the whole leaf here).
+    # gamma * n < 1 drops no outlier (as mergekit 0.1.5; older mergekit zeroed the whole leaf).
     out = fn(_zeros(10), [tau], density=0.3, gamma=0.05, scale=2.0)
     chex.assert_trees_all_close(out, _vec(20.0, 0, 0, 0, 0, 0, 0, 0, 16.0, 18.0))
 
   def test_breadcrumbs_rows(self):
     tau = {"w": jnp.array([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 30.0, 4.0]])}
     out = rules.breadcrumbs(
-      {"w": jnp.zeros((2, 4))}, [tau], density=0.5, gamma=0.25, scale=1.0, scope="row"
+      {"w": jnp.zeros((2, 4))}, [tau], density=0.5, gamma=0.25, scale=1.0, layout="torch"
     )
     chex.assert_trees_all_close(out, {"w": jnp.array([[0, 3.0, 2.0, 0], [0, 2.0, 0, 4.0]])})
 
@@ -285,7 +285,14 @@ class PropertyTest(chex.TestCase):
       [
         np.asarray(
           rules.della(
-            base, [expert], key=jax.random.key(i), density=0.5, epsilon=0.4, combine="sum"
+            base,
+            [expert],
+            key=jax.random.key(i),
+            density=0.5,
+            epsilon=0.4,
+            scale=1.0,
+            combine="sum",
+            layout="torch",  # [1, 100]: one output neuron with 100 inputs.
           )["w"][0]
         )
         for i in range(400)
@@ -420,7 +427,7 @@ class SparsifyCombineTest(chex.TestCase):
       ),
       (
         dict(sparsifier="dare", combine="ties", density=0.4, scale=0.9, key=key),
-        rules.dare_ties(base, experts, key=key, density=0.4, scale=0.9),
+        rules.dare_ties(base, experts, key=key, density=0.4, scale=0.9, trim_density=None),
       ),
       (
         dict(sparsifier="breadcrumbs", combine="sum", density=0.5, gamma=0.1, scale=0.5),

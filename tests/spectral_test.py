@@ -191,11 +191,11 @@ class ReferenceTest(chex.TestCase):
     base, experts = _models(3)
     flip = lambda t: {k: (v.T if v.ndim == 2 else v) for k, v in t.items()}  # noqa: E731
     in_out = rules.iso_cts(flip(base), [flip(e) for e in experts])
-    out_in = rules.iso_cts(base, experts, layout="out_in")
+    out_in = rules.iso_cts(base, experts, layout="torch")
     chex.assert_trees_all_close(flip(in_out), out_in, atol=2e-5)
     _close(out_in, np_rule("iso_cts", base, experts, 1.0))
     # On the same matrices the two layouts differ: ISO-CTS is not transpose-invariant.
-    other = rules.iso_cts(base, experts, layout="in_out")
+    other = rules.iso_cts(base, experts, layout="flax")
     self.assertGreater(float(jnp.max(jnp.abs(other["tall"] - out_in["tall"]))), 1e-3)
 
   @parameterized.parameters("tsv_m", "iso_c")
@@ -308,7 +308,7 @@ class PropertyTest(chex.TestCase):
     )
     self.assertEqual(rules.hparams_of("iso_c")["scale"], 1.0)
     iso_cts = rules.hparams_of("iso_cts")
-    self.assertEqual((iso_cts["common_fraction"], iso_cts["layout"]), (0.8, "in_out"))
+    self.assertEqual((iso_cts["common_fraction"], iso_cts["layout"]), (0.8, "flax"))
     self.assertIsNone(rules.hparams_of("tsv_c")["fraction"])
 
 
@@ -323,7 +323,7 @@ class ValidationTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, "not one of"):
       rules.merge("iso_c", base, experts, matrices="3d")
     with self.assertRaisesRegex(ValueError, "not one of"):
-      rules.merge("iso_cts", base, experts, layout="torch")
+      rules.merge("iso_cts", base, experts, layout="out_in")
     with self.assertRaisesRegex(ValueError, r"fraction=1.5 is outside"):
       rules.merge("tsv_c", base, experts, fraction=1.5)
     with self.assertRaisesRegex(ValueError, "not finite"):
@@ -333,7 +333,7 @@ class ValidationTest(chex.TestCase):
     # r = 7, c = ⌊0.7⌋ = 0, round(7/8)·8 = 8 > 7: no valid split.
     base, experts = _models(8, shapes={"enc/w": (7, 9)})
     with self.assertRaisesRegex(ValueError, "leaf 'enc/w'.*common_fraction=0.1"):
-      rules.merge("iso_cts", base, experts, common_fraction=0.1, layout="out_in")
+      rules.merge("iso_cts", base, experts, common_fraction=0.1, layout="torch")
 
 
 if __name__ == "__main__":

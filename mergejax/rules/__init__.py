@@ -12,7 +12,7 @@ Conventions:
 * Random rules take an explicit `key`; masks come from one key per (expert, leaf path).
 * Rules that build one model per task (EMR, TALL masks) return a `TaskSpecificMerge`.
 
-Modules: `spec` (the registry), `averaging`, `sparse`, `masks`, `geometric`, `spectral`
+Modules: `spec` (the registry), `averaging`, `sparse`, `grid`, `masks`, `geometric`, `spectral`
 (TSV, ISO), `magmax` (the rules),
 `task_specific` (per-task results), `front_door` (`merge`).
 """
@@ -20,6 +20,7 @@ Modules: `spec` (the registry), `averaging`, `sparse`, `masks`, `geometric`, `sp
 from mergejax.rules.averaging import task_arithmetic, task_negation, weight_average
 from mergejax.rules.front_door import lower, merge
 from mergejax.rules.geometric import model_stock, slerp
+from mergejax.rules.grid import sparsify_combine
 from mergejax.rules.magmax import magmax
 from mergejax.rules.masks import (
   EMRMerged,
@@ -35,7 +36,6 @@ from mergejax.rules.sparse import (
   dare,
   dare_ties,
   della,
-  sparsify_combine,
   ties_merging,
 )
 from mergejax.rules.spec import (

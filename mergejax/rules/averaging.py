@@ -39,13 +39,17 @@ def weight_average(
   return jax.tree.map(average, base, *experts)
 
 
-def task_arithmetic(base: Params, experts: Sequence[Params], *, scale: Any = 0.3) -> Params:
-  """Task arithmetic (Ilharco et al. 2023): θ = θ0 + λ Σt (θt − θ0).
+def task_arithmetic(
+  base: Params, experts: Sequence[Params], *, scale: Any = 0.3, weights: Any = None
+) -> Params:
+  """Task arithmetic (Ilharco et al. 2023): θ = θ0 + λ Σt wt (θt − θ0).
 
   Args:
     base: pre-trained parameters θ0.
     experts: fine-tuned models θt.
-    scale: λ (choose it on validation; 0.3 is the paper's usual value).
+    scale: λ (choose it on validation; 0.3 is the paper's usual value); mergekit's `lambda`.
+    weights: per-expert weights wt (mergekit's `weight`): None (all 1), a scalar or one per
+      expert. mergekit's `normalize: true` divides by Σ wt: pass scale=λ / Σ wt.
 
   Returns:
     Merged parameters.
@@ -54,7 +58,7 @@ def task_arithmetic(base: Params, experts: Sequence[Params], *, scale: Any = 0.3
   >>> task_arithmetic(base, [{"w": jnp.ones(2)}, {"w": jnp.array([1.0, -1.0])}], scale=0.5)["w"]
   Array([1., 0.], dtype=float32)
   """
-  return tv.apply(base, combine.sum_combine(tv.task_vectors(base, experts)), scale)
+  return tv.apply(base, combine.sum_combine(tv.task_vectors(base, experts), weights), scale)
 
 
 def task_negation(base: Params, experts: Sequence[Params], *, scale: Any = 1.0) -> Params:
@@ -84,5 +88,10 @@ spec.register(
   weights=spec.HParam("per_expert", low=0.0, optional=True),
   check=_positive_weights,
 )
-spec.register("task_arithmetic", task_arithmetic, scale=spec.SCALE)
+spec.register(
+  "task_arithmetic",
+  task_arithmetic,
+  scale=spec.SCALE,
+  weights=spec.HParam("per_expert", optional=True),
+)
 spec.register("task_negation", task_negation, scale=spec.SCALE)

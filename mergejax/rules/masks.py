@@ -10,15 +10,19 @@ import jax
 import jax.numpy as jnp
 
 from mergejax import combine as combine_lib
+from mergejax import sparsify
 from mergejax import task_vectors as tv
 from mergejax.rules import spec
-from mergejax.rules.sparse import COMBINE, _combine
+from mergejax.rules.sparse import _combine
 from mergejax.rules.task_specific import TaskSpecificMerge
 from mergejax.tree import Params
 
 
 def _masked(mask: Params, vector: Params) -> Params:
   return jax.tree.map(lambda m, x: jnp.where(m, x, 0.0), mask, vector)
+
+
+CONSENSUS_COMBINES = ("sum", "ties", "ties_untrimmed", "mean")
 
 
 def consensus(
@@ -29,10 +33,16 @@ def consensus(
   min_tasks: Any = 2,
   scale: Any = 0.3,
   combine: str = "sum",
+  density: Any = 0.2,
 ) -> Params:
   """Consensus merging (Wang et al. 2024): keep entries that ≥ k TALL masks select.
 
-  θ = θ0 + λ · (1[Σt mt ≥ k] ⊙ τmerged), mt = 1[|τt| ≥ λt |τMTL − τt|], τMTL = Σt τt.
+  θ = θ0 + λ · (1[Σt mt ≥ k] ⊙ τmerged), mt = 1[|τt| ≥ λt |τmerged − τt|].
+
+  As the reference code (nik-dim/tall_masks): Consensus TA takes τmerged = Σt τt; Consensus TIES
+  runs TIES first (top `density` of each whole task vector, mass election, disjoint *sum*) and
+  builds the masks against θ0 + τ_TIES. λt is one per task (the benchmark chooses them on
+  validation) or one for all.
 
   Args:
     base: pre-trained parameters θ0.
@@ -40,15 +50,25 @@ def consensus(
     tall_lambda: λt of the TALL masks (scalar or one per task; paper range [0.2, 0.6]).
     min_tasks: k (paper: 2).
     scale: λ applied to the masked merged vector.
-    combine: how τmerged is formed: "sum" (Consensus TA) or "ties" (Consensus TIES, on untrimmed
-      vectors).
+    combine: τmerged: "sum" (Consensus TA), "ties" (Consensus TIES, reference), "ties_untrimmed"
+      (mergejax before issue 10: untrimmed τt, disjoint mean, masks against Σt τt) or "mean".
+    density: the TIES trim of "ties" (reference: 0.2); unused otherwise.
 
   Returns:
     Merged parameters.
   """
+  if combine not in CONSENSUS_COMBINES:
+    raise ValueError(f"combine must be one of {CONSENSUS_COMBINES}, got {combine!r}.")
   vectors = tv.task_vectors(base, experts)
-  mask = combine_lib.consensus_mask(combine_lib.tall_masks(vectors, tall_lambda), min_tasks)
-  return tv.apply(base, _masked(mask, _combine(vectors, combine)), scale)
+  if combine == "ties":
+    trimmed = sparsify.trim_top_fraction(vectors, density, scope="model")
+    merged = combine_lib.ties_combine(trimmed, reduce="sum")
+    masks = combine_lib.tall_masks(vectors, tall_lambda, multi=merged)
+  else:
+    merged = _combine(vectors, "ties" if combine == "ties_untrimmed" else combine)
+    masks = combine_lib.tall_masks(vectors, tall_lambda)
+  mask = combine_lib.consensus_mask(masks, min_tasks)
+  return tv.apply(base, _masked(mask, merged), scale)
 
 
 @jax.tree_util.register_dataclass
@@ -110,7 +130,7 @@ class EMRMerged(TaskSpecificMerge):
   Attributes:
     unified: γ ⊙ max |τt| over the tasks that agree with γ (float32).
     masks: per task, 1[τt ⊙ τuni > 0] (bool).
-    rescalers: [T] float32, Σ|τt| / Σ|mt ⊙ τuni|.
+    rescalers: [T] float32, Σ|τt| / Σ|mt ⊙ τuni| (sums over entries, or of per-tensor means).
   """
 
   unified: Params
@@ -126,12 +146,23 @@ class EMRMerged(TaskSpecificMerge):
     return tv.apply(base, _masked(self.masks[task], self.unified), self.rescalers[task])
 
 
-def emr_merging(base: Params, experts: Sequence[Params]) -> EMRMerged:
+EMR_RESCALERS = ("tensor_mean", "paper")
+
+
+def emr_merging(
+  base: Params, experts: Sequence[Params], *, rescaler: str = "tensor_mean"
+) -> EMRMerged:
   """EMR-Merging (Huang et al. 2024): elect, then per-task masks and rescalers. Tuning-free.
+
+  The rescaler λt = Σ|τt| / Σ|mt ⊙ τuni|. The official code (harveyhuang/EMR_Merging) sums per
+  tensor *means* ("tensor_mean", default: the published numbers come from it), so every tensor,
+  a bias or a LayerNorm scale as much as a 2-D weight, weighs the same; the paper's equation sums
+  over all entries ("paper"), where the large weights dominate.
 
   Args:
     base: pre-trained parameters θ0.
     experts: fine-tuned models θt.
+    rescaler: "tensor_mean" (official code) or "paper".
 
   Returns:
     An `EMRMerged`; build task t's model with `result.task_model(base, t)`.
@@ -141,8 +172,12 @@ def emr_merging(base: Params, experts: Sequence[Params]) -> EMRMerged:
   unified = combine_lib.disjoint_merge(vectors, sign, reduce="max")
   masks = [jax.tree.map(lambda x, u: x * u > 0, v, unified) for v in vectors]
 
+  if rescaler not in EMR_RESCALERS:
+    raise ValueError(f"rescaler must be one of {EMR_RESCALERS}, got {rescaler!r}.")
+  reduce_abs = jnp.mean if rescaler == "tensor_mean" else jnp.sum
+
   def total_abs(tree):
-    return sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree))
+    return sum(reduce_abs(jnp.abs(x)) for x in jax.tree.leaves(tree))
 
   rescalers = []
   for v, m in zip(vectors, masks, strict=True):
@@ -172,7 +207,8 @@ spec.register(
   tall_lambda=_TALL_LAMBDA,
   min_tasks=spec.HParam("int", low=1),
   scale=spec.SCALE,
-  combine=COMBINE,
+  combine=spec.choice(*CONSENSUS_COMBINES),
+  density=spec.FRACTION,
 )
 spec.register("tall_masks", tall_masks, tall_lambda=_TALL_LAMBDA)
-spec.register("emr", emr_merging)
+spec.register("emr", emr_merging, rescaler=spec.choice(*EMR_RESCALERS))

@@ -2,7 +2,7 @@
 
 Each rule is θ = θ0 + λ · combine(sparsify(τ1..τT)) with a sparsifier from
 `mergejax.sparsify.SPARSIFIERS` and a combiner from `mergejax.combine.COMBINERS`; the named rules
-are points of `sparsify_combine`'s grid (tested).
+are points of `rules.grid.sparsify_combine`'s grid (tested).
 """
 
 from __future__ import annotations
@@ -24,16 +24,33 @@ REDUCE = spec.choice(*combine_lib.REDUCTIONS)
 COMBINE = spec.choice(*combine_lib.COMBINERS)
 
 
-def _combine(vectors, combine: str, election: str = "mass", reduce: str = "mean"):
+# Per-expert weights with mergekit's meaning: wt multiplies τt after the sparsifier and before the
+# sign election; sums are Σt wt τt, TIES's disjoint mean and the "mean" combiner divide by Σ wt.
+WEIGHTS = spec.HParam("per_expert", optional=True)
+
+
+def _combine(vectors, combine: str, election: str = "mass", reduce: str = "mean", weights=None):
   if combine == "ties":
-    return combine_lib.ties_combine(vectors, election=election, reduce=reduce)
-  return combine_lib.COMBINERS[combine](vectors)
+    return combine_lib.ties_combine(vectors, election=election, reduce=reduce, weights=weights)
+  return combine_lib.COMBINERS[combine](vectors, weights)
 
 
-def _ties(base, experts, trim_stats, *, density, scale, trim_scope, election, reduce):
-  vectors, stats = sparsify.trim_experts(base, experts, density, scope=trim_scope, stats=trim_stats)
-  total = jnp.sum(stats.kept_sum if election == "mass" else stats.kept_sign_sum)
-  merged = combine_lib.ties_combine(vectors, election=election, reduce=reduce, total=total)
+def _ties(
+  base, experts, trim_stats, *, density, scale, trim_scope, election, reduce, counting, weights
+):
+  vectors, stats = sparsify.trim_experts(
+    base, experts, density, scope=trim_scope, stats=trim_stats, counting=counting
+  )
+  per_group = stats.kept_sum if election == "mass" else stats.kept_sign_sum
+  if weights is None:
+    total = jnp.sum(per_group)
+  else:  # One group per expert (scope "model") or per expert and leaf ("leaf").
+    w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (len(experts),))
+    signs = w if election == "mass" else jnp.sign(w)
+    total = jnp.sum(per_group.reshape(len(experts), -1).sum(1) * signs)
+  merged = combine_lib.ties_combine(
+    vectors, election=election, reduce=reduce, total=total, weights=weights
+  )
   return tv.apply(base, merged, scale)
 
 
@@ -46,12 +63,14 @@ def ties_merging(
   trim_scope: str = "model",
   election: str = "mass",
   reduce: str = "mean",
+  counting: str = "round",
+  weights: Any = None,
 ) -> Params:
   """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge, scale.
 
   Paper defaults: top 20% over the whole flattened task vector, mass election, disjoint mean,
   λ = 1 without validation. FusionBench's setting is `reduce="sum", scale=0.3`; mergekit's
-  is `trim_scope="leaf"`.
+  (configs/ties_mergekit.py) `trim_scope="leaf", counting="mergekit"` with its `weight`s.
 
   Args:
     base: pre-trained parameters θ0.
@@ -60,7 +79,13 @@ def ties_merging(
     scale: λ.
     trim_scope: "model" (one threshold over all leaves) or "leaf".
     election: "mass" or "count" (see `combine.elect_sign`).
-    reduce: "mean", "sum" or "max" (see `combine.disjoint_merge`).
+    reduce: "mean", "sum" or "max" (see `combine.disjoint_merge`); mergekit's `normalize: true`
+      is "mean", `false` is "sum".
+    counting: entries kept per group: "round" (clip(round(d·n), 1, n)) or "mergekit"
+      (max(1, int(d·n))).
+    weights: per-expert weights (mergekit's `weight`): None (all 1), a scalar or one per expert;
+      they multiply the trimmed τt before the election, and "mean" divides by Σ wt of the
+      agreeing tasks.
 
   Returns:
     Merged parameters.
@@ -74,14 +99,19 @@ def ties_merging(
     trim_scope=trim_scope,
     election=election,
     reduce=reduce,
+    counting=counting,
+    weights=weights,
   )
 
 
-def _ties_prepare(base, experts, *, density, trim_scope, **unused):
+def _ties_prepare(base, experts, *, density, trim_scope, counting, **unused):
   # On CPU the exact selection runs in NumPy on the experts' buffers, outside jit (TIES on
-  # 22M x 8 experts: 0.45 s, against 1.1-1.2 s with the selection inside jit).
+  # 22M x 8 experts: 0.45 s, against 1.1-1.2 s with the selection inside jit). Counts are taken
+  # from the concrete float64 density here (Python's int(d * n) exactly).
   del unused
-  return sparsify.trim_stats_eager(base, experts, float(density), scope=trim_scope)
+  return sparsify.trim_stats_eager(
+    base, experts, float(density), scope=trim_scope, counting=counting
+  )
 
 
 def dare(
@@ -93,6 +123,7 @@ def dare(
   scale: Any = 1.0,
   rescale: str = "inverse",
   combine: str = "sum",
+  weights: Any = None,
 ) -> Params:
   """DARE (Yu et al. 2024): random drop with p = 1 − density, rescale, then combine.
 
@@ -104,12 +135,13 @@ def dare(
     scale: λ.
     rescale: "inverse" (1/(1−p), paper), "l1" (mergekit) or "none".
     combine: "sum" (DARE + task arithmetic), "ties" (DARE-TIES) or "mean".
+    weights: per-expert weights (mergekit's `weight`, applied after the drop); None: all 1.
 
   Returns:
     Merged parameters.
   """
   vectors = sparsify.random_drop(tv.task_vectors(base, experts), key, density, rescale=rescale)
-  return tv.apply(base, _combine(vectors, combine), scale)
+  return tv.apply(base, _combine(vectors, combine, weights=weights), scale)
 
 
 def dare_ties(
@@ -122,8 +154,15 @@ def dare_ties(
   rescale: str = "inverse",
   election: str = "mass",
   reduce: str = "mean",
+  trim_density: Any = 0.2,
+  weights: Any = None,
 ) -> Params:
-  """DARE-TIES: DARE's random drop and rescale, then TIES's sign election and disjoint merge.
+  """DARE-TIES: DARE's random drop and rescale, then TIES (trim, sign election, disjoint merge).
+
+  Default: the DARE paper's code (MergeLM): DARE with 1/(1−p), then full TIES: top
+  `trim_density` over the whole task vector, mass election, disjoint mean. mergekit's
+  `dare_ties` (configs/dare_ties_mergekit.py) has no trim, L1 rescale and a disjoint sum:
+  `trim_density=None, rescale="l1", reduce="sum"`. mergejax before issue 10: `trim_density=None`.
 
   Args:
     base: pre-trained parameters θ0.
@@ -134,12 +173,17 @@ def dare_ties(
     rescale: as for `dare`.
     election: "mass" or "count".
     reduce: "mean", "sum" or "max".
+    trim_density: TIES trim after the drop (fraction kept of the whole task vector, counted over
+      all entries, zeros included); None: no trim.
+    weights: per-expert weights (mergekit's `weight`), applied before the election.
 
   Returns:
     Merged parameters.
   """
   vectors = sparsify.random_drop(tv.task_vectors(base, experts), key, density, rescale=rescale)
-  return tv.apply(base, _combine(vectors, "ties", election, reduce), scale)
+  if trim_density is not None:
+    vectors = sparsify.trim_top_fraction(vectors, trim_density, scope="model")
+  return tv.apply(base, _combine(vectors, "ties", election, reduce, weights), scale)
 
 
 def breadcrumbs(
@@ -149,12 +193,18 @@ def breadcrumbs(
   density: Any = 0.15,
   gamma: Any = 0.006,
   scale: Any = 0.2,
-  scope: str = "leaf",
+  scope: str = "row",
+  layout: str = "flax",
+  counting: str = "floor",
   combine: str = "sum",
+  weights: Any = None,
 ) -> Params:
   """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and small entries, sum, scale.
 
-  Defaults are the reference search's seed point (density 0.15, γ 0.006, α 0.2).
+  Defaults are the reference code's: its search's seed point (density 0.15, γ 0.006, α 0.2),
+  masks per output neuron (rows of the torch `[out, in]` weight) with int() counts; see
+  `sparsify.breadcrumbs` for leaves that are not 2-D. mergekit's `breadcrumbs`
+  (configs/breadcrumbs_mergekit.py) is `scope="leaf", counting="mergekit"`.
 
   Args:
     base: pre-trained parameters θ0.
@@ -162,14 +212,20 @@ def breadcrumbs(
     density: fraction kept below the outliers.
     gamma: fraction of top-|τ| outliers dropped.
     scale: α.
-    scope: "leaf" or "row" (the reference code's row-wise masks).
-    combine: "sum" (paper) or "ties" (Breadcrumbs→TIES).
+    scope: "row" (per output neuron, reference) or "leaf" (mergekit).
+    layout: "flax" ([in, out] kernels) or "torch" ([out, in] weights), which tells rows apart;
+      see `sparsify.breadcrumbs` for how it is known.
+    counting: "floor" (reference), "round" or "mergekit" (see `sparsify.breadcrumbs`).
+    combine: "sum" (paper) or "ties" (Breadcrumbs→TIES); "mean" divides by Σ wt.
+    weights: per-expert weights (mergekit's `weight`), applied after the masks.
 
   Returns:
     Merged parameters.
   """
-  vectors = sparsify.breadcrumbs(tv.task_vectors(base, experts), density, gamma, scope=scope)
-  return tv.apply(base, _combine(vectors, combine), scale)
+  vectors = sparsify.breadcrumbs(
+    tv.task_vectors(base, experts), density, gamma, scope=scope, layout=layout, counting=counting
+  )
+  return tv.apply(base, _combine(vectors, combine, weights=weights), scale)
 
 
 def della(
@@ -177,87 +233,39 @@ def della(
   experts: Sequence[Params],
   *,
   key: jax.Array,
-  density: Any = 0.3,
-  epsilon: Any = 0.1,
-  scale: Any = 1.0,
+  density: Any = 0.7,
+  epsilon: Any = 0.07,
+  scale: Any = 1.1,
   scope: str = "row",
+  layout: str = "flax",
   combine: str = "ties",
+  weights: Any = None,
 ) -> Params:
   """DELLA-Merging (Deep et al. 2024): MagPrune (rank-dependent drop, 1/p rescale), elect, fuse.
+
+  Defaults are the official example run (declare-lab/della): `--drop_rate 0.3` (density 0.7),
+  `--window_size 0.14` (the whole probability window: its code passes ε = window / 2 = 0.07),
+  `--lambda_factor 1.1`, ranks per output neuron.
 
   Args:
     base: pre-trained parameters θ0.
     experts: fine-tuned models θt.
     key: PRNG key.
-    density: mean keep probability.
-    epsilon: keep probabilities range over density ± ε by magnitude rank.
+    density: mean keep probability (1 − drop rate).
+    epsilon: keep probabilities range over density ± ε by magnitude rank (half the window).
     scale: λ.
-    scope: "row" or "leaf" (where ranks are taken).
-    combine: "ties" (paper: elect + fuse), "sum" or "mean".
+    scope: "row" (per output neuron, reference) or "leaf" (where ranks are taken).
+    layout: "flax" or "torch" (see `sparsify.breadcrumbs`).
+    combine: "ties" (paper: elect + fuse with a disjoint mean), "sum" or "mean".
+    weights: per-expert weights (the reference's `weight`), applied after the drop.
 
   Returns:
     Merged parameters.
   """
-  vectors = sparsify.della_drop(tv.task_vectors(base, experts), key, density, epsilon, scope=scope)
-  return tv.apply(base, _combine(vectors, combine), scale)
-
-
-# Which rule's paper defaults a sparsifier takes in `sparsify_combine` (one source per default).
-_DEFAULTS_FROM = {
-  "ties_trim": "ties",
-  "dare": "dare",
-  "breadcrumbs": "breadcrumbs",
-  "della": "della",
-}
-
-
-def sparsify_combine(
-  base: Params,
-  experts: Sequence[Params],
-  *,
-  sparsifier: str = "ties_trim",
-  combine: str = "sum",
-  key: jax.Array | None = None,
-  density: Any = None,
-  gamma: Any = None,
-  epsilon: Any = None,
-  scale: Any = 1.0,
-) -> Params:
-  """Any sparsifier followed by any combiner: θ = θ0 + λ · combine(sparsify(τ1..τT)).
-
-  The named rules are fixed points of this grid (TIES = ties_trim + ties, DARE-TIES = dare + ties,
-  Breadcrumbs = breadcrumbs + sum); the rest (TIES-trim + sum, Breadcrumbs + mean, ...) come free.
-
-  Args:
-    base: pre-trained parameters θ0.
-    experts: fine-tuned models θt.
-    sparsifier: a key of `sparsify.SPARSIFIERS`: "none", "ties_trim" (scope "model"), "dare"
-      (1/(1−p) rescale), "breadcrumbs" (per leaf) or "della" (per row).
-    combine: "sum", "mean" or "ties" (mass election, disjoint mean).
-    key: PRNG key, required by the random sparsifiers ("dare", "della").
-    density: fraction kept by the sparsifier; None takes the matching rule's paper default
-      (TIES 0.2, DARE 0.1, Breadcrumbs 0.15, DELLA 0.3).
-    gamma: Breadcrumbs' outlier fraction; None: Breadcrumbs' default.
-    epsilon: DELLA's probability half-width; None: DELLA's default.
-    scale: λ.
-
-  Returns:
-    Merged parameters.
-  """
-  sparsifier_spec = sparsify.SPARSIFIERS[sparsifier]
-  if sparsifier_spec.random and key is None:
-    raise ValueError(f"sparsifier={sparsifier!r} is random: pass key=jax.random.key(seed).")
-  given = {"density": density, "gamma": gamma, "epsilon": epsilon}
-  hparams = {}
-  for name in sparsifier_spec.hparams:
-    value = given[name]
-    hparams[name] = (
-      spec.REGISTRY[_DEFAULTS_FROM[sparsifier]].defaults[name] if value is None else value
-    )
-  vectors = sparsify.apply_sparsifier(
-    sparsifier, tv.task_vectors(base, experts), key=key, **hparams
+  vectors = sparsify.della_drop(
+    tv.task_vectors(base, experts), key, density, epsilon, scope=scope, layout=layout
   )
-  return tv.apply(base, _combine(vectors, combine), scale)
+  return tv.apply(base, _combine(vectors, combine, weights=weights), scale)
 
 
 def _della_window(hparams: dict[str, Any], num_experts: int) -> None:
@@ -282,6 +290,8 @@ spec.register(
   trim_scope=spec.choice(*sparsify.TRIM_SCOPES),
   election=ELECTION,
   reduce=REDUCE,
+  counting=spec.choice(*sparsify.TRIM_COUNTINGS),
+  weights=WEIGHTS,
 )
 spec.register(
   "dare",
@@ -291,6 +301,7 @@ spec.register(
   scale=spec.SCALE,
   rescale=spec.choice(*sparsify.RESCALES),
   combine=COMBINE,
+  weights=WEIGHTS,
 )
 spec.register(
   "dare_ties",
@@ -301,13 +312,19 @@ spec.register(
   rescale=spec.choice(*sparsify.RESCALES),
   election=ELECTION,
   reduce=REDUCE,
+  trim_density=spec.HParam("float", 0.0, 1.0, "(]", optional=True),
+  weights=WEIGHTS,
 )
+LAYOUT = spec.choice(*sparsify.LAYOUTS)
 _BREADCRUMBS = dict(
   density=spec.FRACTION,
   gamma=spec.RATE,
   scale=spec.SCALE,
   scope=spec.choice(*sparsify.ROW_SCOPES),
+  layout=LAYOUT,
+  counting=spec.choice(*sparsify.BREADCRUMBS_COUNTINGS),
   combine=COMBINE,
+  weights=WEIGHTS,
 )
 spec.register("breadcrumbs", breadcrumbs, **_BREADCRUMBS)
 spec.register("breadcrumbs_ties", breadcrumbs, defaults={"combine": "ties"}, **_BREADCRUMBS)
@@ -320,16 +337,7 @@ spec.register(
   epsilon=spec.HParam("float", 0.0, 1.0, "[)"),
   scale=spec.SCALE,
   scope=spec.choice(*sparsify.ROW_SCOPES),
+  layout=LAYOUT,
   combine=COMBINE,
-)
-spec.register(
-  "sparsify_combine",
-  sparsify_combine,
-  sparsifier=spec.choice(*sparsify.SPARSIFIERS),
-  combine=COMBINE,
-  key=spec.HParam("key", optional=True),
-  density=spec.HParam("float", 0.0, 1.0, "(]", optional=True),
-  gamma=spec.HParam("float", 0.0, 1.0, "[)", optional=True),
-  epsilon=spec.HParam("float", 0.0, 1.0, "[)", optional=True),
-  scale=spec.SCALE,
+  weights=WEIGHTS,
 )

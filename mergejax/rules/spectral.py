@@ -19,9 +19,9 @@ the authors' code and FusionBench do), or task arithmetic's sum (`non_matrix="su
 Layout. flax kernels are [in, out], torch weights [out, in]. TSV-M, TSV-C and ISO-C are
 transpose-invariant (the SVD of Δᵀ is V Σ Uᵀ, and every step maps through the transpose), so
 they give the same result in either layout. ISO-CTS is not: it removes the common subspace from
-each task on the output side (torch's left singular vectors). `layout="in_out"` (default, flax)
+each task on the output side (torch's left singular vectors). `layout="flax"` (default, flax)
 does that on the kernel's columns, so a flax model merges as its torch twin does in the
-reference; pass `layout="out_in"` for trees holding torch-layout weights.
+reference; pass `layout="torch"` for trees holding torch-layout weights.
 
 Arithmetic is float32; outputs have the dtypes of `base`.
 """
@@ -43,7 +43,7 @@ from mergejax.tree import Params, to_compute
 
 MATRICES = ("2d", "merge_leading", "merge_trailing")
 NON_MATRIX = ("mean", "sum")
-LAYOUTS = ("in_out", "out_in")
+LAYOUTS = ("flax", "torch")
 
 
 def matrix_shape(shape: tuple[int, ...], matrices: str = "2d") -> tuple[int, int] | None:
@@ -257,7 +257,7 @@ def iso_cts_sizes(rank: int, num_tasks: int, common_fraction: float) -> tuple[in
 
 
 def iso_cts_matrix(
-  deltas: jax.Array, common_fraction: float, layout: str = "out_in", path: str = "?"
+  deltas: jax.Array, common_fraction: float, layout: str = "torch", path: str = "?"
 ) -> jax.Array:
   """ISO-CTS on one layer: [T, m, n] task matrices -> the merged [m, n] update (α = 1).
 
@@ -268,13 +268,13 @@ def iso_cts_matrix(
   Args:
     deltas: the stacked task matrices.
     common_fraction: the common subspace's share of the rank (paper: 0.8).
-    layout: "out_in" (torch: rows are outputs) or "in_out" (flax: columns are outputs).
+    layout: "torch" (torch: rows are outputs) or "flax" (flax: columns are outputs).
     path: the leaf's path (error messages).
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
-  if layout == "in_out":
-    return iso_cts_matrix(jnp.swapaxes(deltas, 1, 2), common_fraction, "out_in", path).T
+  if layout == "flax":
+    return iso_cts_matrix(jnp.swapaxes(deltas, 1, 2), common_fraction, "torch", path).T
   num_tasks, m, n = deltas.shape
   rank = min(m, n)
   common, per_task = iso_cts_sizes(rank, num_tasks, common_fraction)
@@ -301,7 +301,7 @@ def iso_cts(
   *,
   scale: Any = 1.0,
   common_fraction: float = 0.8,
-  layout: str = "in_out",
+  layout: str = "flax",
   matrices: str = "2d",
   non_matrix: str = "mean",
 ) -> Params:
@@ -314,7 +314,7 @@ def iso_cts(
     experts: fine-tuned models θt.
     scale: α; the paper chooses it on validation, 1.0 is FusionBench's default.
     common_fraction: share of the rank given to the common subspace (static; paper: 0.8).
-    layout: "in_out" (flax kernels, default) or "out_in" (torch weights); see the module
+    layout: "flax" (flax kernels, default) or "torch" (torch weights); see the module
       docstring.
     matrices: which leaves are matrices (module docstring).
     non_matrix: "mean" (reference) or "sum" of the task vectors on the other leaves.

@@ -1,0 +1,86 @@
+"""The whole sparsify × combine grid: θ = θ0 + λ · combine(sparsify(τ1..τT)) for any sparsifier of
+`mergejax.sparsify.SPARSIFIERS` and any combiner; the named rules of `rules.sparse` are its points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from mergejax import sparsify
+from mergejax import task_vectors as tv
+from mergejax.rules import spec
+from mergejax.rules.sparse import COMBINE, _combine
+from mergejax.tree import Params
+
+# Which rule's paper defaults a sparsifier takes in `sparsify_combine` (one source per default).
+_DEFAULTS_FROM = {
+  "ties_trim": "ties",
+  "dare": "dare",
+  "breadcrumbs": "breadcrumbs",
+  "della": "della",
+}
+
+
+def sparsify_combine(
+  base: Params,
+  experts: Sequence[Params],
+  *,
+  sparsifier: str = "ties_trim",
+  combine: str = "sum",
+  key: jax.Array | None = None,
+  density: Any = None,
+  gamma: Any = None,
+  epsilon: Any = None,
+  scale: Any = 1.0,
+) -> Params:
+  """Any sparsifier followed by any combiner: θ = θ0 + λ · combine(sparsify(τ1..τT)).
+
+  The named rules are fixed points of this grid (TIES = ties_trim + ties, DARE-TIES = dare + ties,
+  Breadcrumbs = breadcrumbs + sum); the rest (TIES-trim + sum, Breadcrumbs + mean, ...) come free.
+
+  Args:
+    base: pre-trained parameters θ0.
+    experts: fine-tuned models θt.
+    sparsifier: a key of `sparsify.SPARSIFIERS`: "none", "ties_trim" (scope "model"), "dare"
+      (1/(1−p) rescale), "breadcrumbs" or "della" (per output neuron of flax kernels).
+    combine: "sum", "mean" or "ties" (mass election, disjoint mean).
+    key: PRNG key, required by the random sparsifiers ("dare", "della").
+    density: fraction kept by the sparsifier; None takes the matching rule's paper default
+      (TIES 0.2, DARE 0.1, Breadcrumbs 0.15, DELLA 0.7).
+    gamma: Breadcrumbs' outlier fraction; None: Breadcrumbs' default.
+    epsilon: DELLA's probability half-width; None: DELLA's default.
+    scale: λ.
+
+  Returns:
+    Merged parameters.
+  """
+  sparsifier_spec = sparsify.SPARSIFIERS[sparsifier]
+  if sparsifier_spec.random and key is None:
+    raise ValueError(f"sparsifier={sparsifier!r} is random: pass key=jax.random.key(seed).")
+  given = {"density": density, "gamma": gamma, "epsilon": epsilon}
+  hparams = {}
+  for name in sparsifier_spec.hparams:
+    value = given[name]
+    hparams[name] = (
+      spec.REGISTRY[_DEFAULTS_FROM[sparsifier]].defaults[name] if value is None else value
+    )
+  vectors = sparsify.apply_sparsifier(
+    sparsifier, tv.task_vectors(base, experts), key=key, **hparams
+  )
+  return tv.apply(base, _combine(vectors, combine), scale)
+
+
+spec.register(
+  "sparsify_combine",
+  sparsify_combine,
+  sparsifier=spec.choice(*sparsify.SPARSIFIERS),
+  combine=COMBINE,
+  key=spec.HParam("key", optional=True),
+  density=spec.HParam("float", 0.0, 1.0, "(]", optional=True),
+  gamma=spec.HParam("float", 0.0, 1.0, "[)", optional=True),
+  epsilon=spec.HParam("float", 0.0, 1.0, "[)", optional=True),
+  scale=spec.SCALE,
+)
