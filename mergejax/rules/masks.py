@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax import combine as combine_lib
+from mergejax import leafwise
 from mergejax import task_vectors as tv
 from mergejax.rules import spec
 from mergejax.rules.sparse import COMBINE, _combine
@@ -142,7 +143,7 @@ def emr_merging(base: Params, experts: Sequence[Params]) -> EMRMerged:
   masks = [jax.tree.map(lambda x, u: x * u > 0, v, unified) for v in vectors]
 
   def total_abs(tree):
-    return sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree))
+    return leafwise.total(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
 
   rescalers = []
   for v, m in zip(vectors, masks, strict=True):
