@@ -95,6 +95,10 @@ class LazyLeaf:
     return out if dtype is None else out.astype(dtype)
 
 
+def _size(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
 def _signature(args) -> tuple:
   leaves, treedef = jax.tree.flatten(args)
   return treedef, tuple((np.shape(x), np.dtype(x.dtype).str) for x in leaves)
@@ -318,8 +322,8 @@ class StreamingMerge:
       if ws > self.budget:
         raise ValueError(
           f"Leaf {path!r} ({np.shape(self.base[path])}, {len(self.experts)} experts) needs "
-          f"{ws / 2**20:.1f} MiB of working memory to merge with {self.rule.name}, more than the "
-          f"memory budget of {self.budget / 2**20:.1f} MiB. Raise memory_budget_gb (the budget "
+          f"{_size(ws)} of working memory to merge with {self.rule.name}, more than the "
+          f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget "
           "must hold the largest leaf of every model at once, plus XLA's temporaries)."
         )
     self.timings.peak_working_set_bytes = max(self.working_set.values())
