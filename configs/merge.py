@@ -73,4 +73,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Floating leaves written in the base's dtypes ("base"), or "bfloat16", "float16", "float32".
   config.dtype = "base"
   config.shard_size = "5GB"  # Largest safetensors shard of a Hugging Face output.
+  # "streaming": leaf by leaf within memory_budget_gb (mergejax.streaming), output shards written
+  # as they complete; "memory": the whole merge in one jitted call (rules.merge), then the write.
+  config.engine = "streaming"
+  # Working memory of the streaming engine, in GiB; None: half of the available memory.
+  config.memory_budget_gb = ml_collections.config_dict.placeholder(float)
+  # A directory for JAX's persistent compilation cache (later runs reuse the executables).
+  config.compile_cache_dir = ml_collections.config_dict.placeholder(str)
   return config

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from mergejax import leafwise
 from mergejax import task_vectors as tv
 from mergejax.tree import Params
 
@@ -40,8 +41,8 @@ def elect_sign(
     score = tv.add(*vectors)
   else:
     score = tv.add(*[jax.tree.map(jnp.sign, v) for v in vectors])
-  if total is None:
-    total = sum(jnp.sum(x) for x in jax.tree.leaves(score))
+  if total is None:  # A whole-model sum: the streaming engine takes it in a pass of its own.
+    total = leafwise.total(sum(jnp.sum(x) for x in jax.tree.leaves(score)))
   fallback = jnp.where(total < 0, -1.0, 1.0)
   return jax.tree.map(lambda s: jnp.where(s > 0, 1.0, jnp.where(s < 0, -1.0, fallback)), score)
 

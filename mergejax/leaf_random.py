@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mergejax import leafwise
 from mergejax.tree import Params, path_str
 
 
@@ -90,8 +91,11 @@ def uniform_from_key_data(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Ar
 def _map_with_uniforms(vectors: Sequence[Params], key: jax.Array, fn) -> list[Params]:
   """Returns, per vector, the tree of `fn(leaf, uniforms shaped like leaf)`, one key per
   (expert, leaf path)."""
-  paths = [path_str(p) for p, _ in jax.tree.flatten_with_path(vectors[0])[0]]
-  data = leaf_key_data(key, len(vectors), paths)
+  if isinstance(key, leafwise.FoldedKeys):  # The streaming engine's per-leaf calls.
+    data = key.data
+  else:
+    paths = [path_str(p) for p, _ in jax.tree.flatten_with_path(vectors[0])[0]]
+    data = leaf_key_data(key, len(vectors), paths)
   out = []
   for t, vector in enumerate(vectors):
     leaves, treedef = jax.tree.flatten(vector)

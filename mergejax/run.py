@@ -15,6 +15,7 @@ deletes a file it did not write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -29,12 +30,13 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from mergejax import provenance, rules
+from mergejax import provenance, rules, streaming
 from mergejax import tree as tree_lib
-from mergejax.io import atomic, checkpoint, hf
+from mergejax.io import atomic, checkpoint, hf, safetensors
 
 RUN_KIND = "mergejax.merge"  # run.json's "kind": marks a workdir this module may replace.
 OUTPUT_FORMATS = ("auto", "hf", "safetensors", "orbax")
+ENGINES = ("streaming", "memory")
 OUTPUT_DTYPES = {
   "base": None,
   "bfloat16": ml_dtypes.bfloat16,
@@ -165,10 +167,23 @@ def _write(
       progress=bar.update,
     )
   if fmt == "safetensors":
+    flat = checkpoint.to_flat_names(params)
+    if any(isinstance(x, streaming.LazyLeaf) for x in flat.values()):  # Computed as written.
+      return safetensors.write_safetensors(path, flat, progress=bar.update)
     return checkpoint.save_safetensors(path, params, progress=bar.update)
   checkpoint.save_pytree(path, params)
   bar.update(tree_lib.num_bytes(params))
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _write_order(fmt: str, flat_base: dict[str, Any], config) -> list[str]:
+  """The leaf paths in the order the writer will ask for them (the engine groups along it)."""
+  if fmt not in ("hf", "safetensors"):
+    return list(flat_base)
+  names = {path.replace("/", checkpoint.SAFETENSORS_SEP): path for path in flat_base}
+  tensors = {n: flat_base[p] for n, p in names.items()}
+  size = config.get("shard_size", hf.DEFAULT_SHARD_SIZE) if fmt == "hf" else 2**62
+  return [names[n] for n in hf.write_order(tensors, size)]
 
 
 def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -176,7 +191,8 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
 
   Args:
     config: see configs/merge.py (base, experts, rule_name, rule, include, exclude, others,
-      non_float, cast_experts, output, output_format, dtype, shard_size, seed).
+      non_float, cast_experts, output, output_format, dtype, shard_size, seed, engine,
+      memory_budget_gb, compile_cache_dir).
     workdir: output directory; replaced as a whole (see the module docstring).
 
   Returns:
@@ -205,34 +221,60 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   hparams = rules.add_key(config.rule_name, rule_hparams, config.seed)
   if hparams.get("layout") == "auto":
     hparams["layout"] = weight_layout(base, checkpoint.checkpoint_format(base_path))
+  dtype = OUTPUT_DTYPES[config.get("dtype", "base")]
+  engine = config.get("engine", "streaming")
+  if engine not in ENGINES:
+    raise ValueError(f"config.engine={engine!r}: expected one of {ENGINES}.")
+  if config.get("compile_cache_dir"):
+    streaming.enable_compile_cache(config.compile_cache_dir)
+  options = dict(
+    include=include,
+    exclude=exclude,
+    others=config.others,
+    non_float=config.get("non_float", "check"),
+  )
 
-  # 3. Merge (NaN/Inf in the inputs or the result raise here, before anything is written).
-  with phases("merge"):
-    merged = rules.merge(
-      config.rule_name,
-      base,
-      experts,
-      include=include,
-      exclude=exclude,
-      others=config.others,
-      non_float=config.get("non_float", "check"),
-      **hparams,
-    )
-    merged = jax.block_until_ready(merged)
+  # 3. Merge. In memory: here, whole (NaN/Inf in the inputs or the result raise before anything
+  # is written). Streaming: planned here (hyper-parameters, compiles, the memory budget and the
+  # whole-model statistics checked), computed leaf by leaf as step 4 writes; an error there
+  # (NaN/Inf included) discards the staged workdir, so nothing reaches the destination either.
+  with phases("merge" if engine == "memory" else "plan"):
+    if engine == "memory":
+      merged = jax.block_until_ready(
+        rules.merge(config.rule_name, base, experts, **options, **hparams)
+      )
+      models = rules.task_models(merged, base, len(experts))
+      if not isinstance(merged, rules.TaskSpecificMerge):
+        models = models[:1]
+      models = [_cast(m, dtype) for m in models]
+    else:
+      flat_base = tree_lib.flatten(base)
+      budget = config.get("memory_budget_gb")
+      stream = streaming.StreamingMerge(
+        config.rule_name,
+        flat_base,
+        [tree_lib.flatten(e) for e in experts],
+        hparams,
+        memory_budget=None if budget is None else int(float(budget) * 2**30),
+        dtype=dtype,
+        order=_write_order(fmt, flat_base, config),
+        **options,
+      )
+      models = [tree_lib.unflatten(stream.lazy_outputs(t)) for t in range(stream.num_outputs)]
+      if fmt == "orbax":  # Orbax takes arrays: the merged model is materialized first.
+        models = [jax.tree.map(np.asarray, m) for m in models]
 
   # 4. Write everything into a temporary workdir, run.json last, then swap it in: one commit.
-  models = rules.task_models(merged, base, len(experts))
-  if not isinstance(merged, rules.TaskSpecificMerge):
-    models = models[:1]
   stem, suffix = name.removesuffix(".safetensors"), name[len(name.removesuffix(".safetensors")) :]
   names = [name] if len(models) == 1 else [f"{stem}_task{t}{suffix}" for t in range(len(models))]
-  dtype = OUTPUT_DTYPES[config.get("dtype", "base")]
   with atomic.atomic_dir(workdir) as stage:
     stage.mkdir()
     bytes_written = 0
-    with phases("write"), tqdm.tqdm(desc="write", unit="B", unit_scale=True, disable=None) as bar:
+    phase = "write" if engine == "memory" else "merge_write"
+    desc = "write" if engine == "memory" else f"{config.rule_name}: merge+write"
+    with phases(phase), tqdm.tqdm(desc=desc, unit="B", unit_scale=True, disable=None) as bar:
       for out_name, model in zip(names, models, strict=True):
-        bytes_written += _write(fmt, stage / out_name, _cast(model, dtype), base_path, config, bar)
+        bytes_written += _write(fmt, stage / out_name, model, base_path, config, bar)
     record = provenance.record(config, seed=config.seed, started=started)
     record.update(
       kind=RUN_KIND,
@@ -242,7 +284,15 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
       bytes_read=bytes_read,
       bytes_written=bytes_written,
       phases_s=phases.seconds,
+      engine=engine,
     )
+    if engine == "streaming":
+      record["streaming"] = dict(
+        dataclasses.asdict(stream.timings),
+        memory_budget_bytes=stream.budget,
+        in_memory_because=stream.reason,
+        compile_cache_dir=config.get("compile_cache_dir"),
+      )
     atomic.write_text(stage / "run.json", json.dumps(record, indent=2, default=str))
   logging.info("Wrote %s", record["outputs"])
   return record

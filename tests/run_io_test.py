@@ -81,7 +81,11 @@ def test_hf_in_hf_out_sharded_with_side_files(tmp_path):
   assert merged["model.position_ids"].dtype == np.int64
   assert int(merged["model.position_ids"][0]) == 2**33  # Copied, never narrowed.
   written = json.loads((tmp_path / "w" / "run.json").read_text())
-  assert written["kind"] == run.RUN_KIND and set(written["phases_s"]) == {"load", "merge", "write"}
+  assert written["kind"] == run.RUN_KIND and set(written["phases_s"]) == {
+    "load",
+    "plan",
+    "merge_write",
+  }
   assert written["bytes_read"] == 3 * sum(v.nbytes for v in _state_dict().values())
   assert written["bytes_written"] >= sum(f.stat().st_size for f in out.glob("*.safetensors"))
   assert written["peak_rss_mib"] > 0

@@ -269,6 +269,12 @@ def shard(tensors: Mapping[str, Any], max_bytes: int) -> list[list[str]]:
   return shards
 
 
+def write_order(tensors: Mapping[str, Any], max_shard_size: int | str) -> list[str]:
+  """The order `write_dir` writes `tensors` in: shard by shard, each in `safetensors.layout`."""
+  groups = shard(tensors, parse_size(max_shard_size))
+  return [n for g in groups for n in safetensors.layout({k: tensors[k] for k in g})]
+
+
 def _torch_dtype_name(dtypes: set[np.dtype]) -> str | None:
   known = {
     np.dtype(np.float32): "float32",

@@ -202,9 +202,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return {name: f[name] for name in f}
 
 
-def _layout(arrays: dict[str, np.ndarray]) -> list[str]:
+def layout(tensors: Mapping[str, Any]) -> list[str]:
+  """The order `write_safetensors` writes `tensors` in (what a streaming producer follows)."""
   # Tensors whose size keeps the next one aligned come first, so each of them starts aligned.
-  return sorted(arrays, key=lambda k: (arrays[k].nbytes % ALIGN != 0, k))
+  return sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % ALIGN != 0, k))
+
+
+def _nbytes(t: Any) -> int:
+  return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
 
 
 def write_safetensors(
@@ -221,7 +226,9 @@ def write_safetensors(
 
   Args:
     path: the destination file.
-    tensors: `{name: array}` (numpy or jax); any dtype of `DTYPES`, bf16 via `ml_dtypes`.
+    tensors: `{name: array}` (numpy or jax); any dtype of `DTYPES`, bf16 via `ml_dtypes`. A
+      value with `shape` and `dtype` is converted (`np.asarray`) only when its turn comes, in
+      `layout` order, so a producer can compute tensors as they are written.
     metadata: more str -> str entries for the header's `__metadata__`.
     progress: called with the byte count of each tensor once written (e.g. a tqdm bar's update).
 
@@ -233,27 +240,29 @@ def write_safetensors(
   """
   arrays = {}
   for name, t in tensors.items():
-    a = np.asarray(t)
-    if a.dtype not in _NAMES:
+    a = t if hasattr(t, "shape") and hasattr(t, "dtype") else np.asarray(t)
+    if np.dtype(a.dtype) not in _NAMES:
       raise TypeError(f"Tensor {name!r} has dtype {a.dtype}, which safetensors cannot hold.")
     arrays[name] = a
   header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-  order, offset = _layout(arrays), 0
+  order, offset = layout(arrays), 0
   for name in order:
-    a = arrays[name]
+    a, n = arrays[name], _nbytes(arrays[name])
     header[name] = {
-      "dtype": _NAMES[a.dtype],
-      "shape": list(a.shape),
-      "data_offsets": [offset, offset + a.nbytes],
+      "dtype": _NAMES[np.dtype(a.dtype)],
+      "shape": [int(d) for d in a.shape],
+      "data_offsets": [offset, offset + n],
     }
-    offset += a.nbytes
+    offset += n
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-(8 + len(blob)) % ALIGN)  # Spaces pad the header, as the format allows.
   with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for name in order:
-      a = np.ascontiguousarray(arrays[name]).reshape(-1)  # One tensor copied at most.
+      a = np.ascontiguousarray(np.asarray(arrays[name])).reshape(-1)  # One tensor at a time.
+      if a.nbytes != _nbytes(arrays[name]) or a.dtype != np.dtype(arrays[name].dtype):
+        raise ValueError(f"Tensor {name!r} produced {a.dtype} {a.shape}, not what its header says.")
       f.write(memoryview(a.view(np.uint8)))
       if progress is not None:
         progress(a.nbytes)

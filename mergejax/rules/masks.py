@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax import combine as combine_lib
-from mergejax import sparsify
+from mergejax import leafwise, sparsify
 from mergejax import task_vectors as tv
 from mergejax.rules import spec
 from mergejax.rules.sparse import _combine
@@ -177,7 +177,7 @@ def emr_merging(
   reduce_abs = jnp.mean if rescaler == "tensor_mean" else jnp.sum
 
   def total_abs(tree):
-    return sum(reduce_abs(jnp.abs(x)) for x in jax.tree.leaves(tree))
+    return leafwise.total(sum(reduce_abs(jnp.abs(x)) for x in jax.tree.leaves(tree)))
 
   rescalers = []
   for v, m in zip(vectors, masks, strict=True):

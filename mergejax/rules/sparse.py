@@ -12,9 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mergejax import combine as combine_lib
-from mergejax import sparsify
+from mergejax import selection, sparsify, streaming_topk
 from mergejax import task_vectors as tv
 from mergejax.rules import spec
 from mergejax.tree import Params
@@ -112,6 +113,43 @@ def _ties_prepare(base, experts, *, density, trim_scope, counting, **unused):
   return sparsify.trim_stats_eager(
     base, experts, float(density), scope=trim_scope, counting=counting
   )
+
+
+def _ties_stream_stats(leaves, sizes, *, density, trim_scope, election, **unused):
+  # Out of core: the model-scope threshold from `streaming_topk.StreamingTopK` (two passes over the
+  # leaves, exact); leaf scope's thresholds leaf by leaf (one pass).
+  del unused
+  if trim_scope == "model":
+    k = int(selection.count_for_fraction(sum(sizes), float(density)))
+    topk = None
+    for collect in (False, True):
+      for base, experts in leaves():
+        if topk is None:
+          topk = streaming_topk.StreamingTopK([k] * len(experts))
+        for t, x in enumerate(experts):
+          topk.add(t, x, base, collect=collect)
+      if not collect:
+        topk.select()
+    stats = topk.finalize()
+    return lambda i: stats
+  per_leaf = []
+  for (base, experts), size in zip(leaves(), sizes, strict=True):
+    k = int(selection.count_for_fraction(size, float(density)))
+    per_leaf.append(
+      selection.top_k_stats_eager(
+        [[x] for x in experts], [k] * len(experts), origins=[[base]] * len(experts)
+      )
+    )
+  # `_ties` sums the election statistic over its stats: put the whole model's sum in entry 0.
+  field = "kept_sum" if election == "mass" else "kept_sign_sum"
+  whole = np.float32(np.sum(np.concatenate([np.asarray(getattr(s, field)) for s in per_leaf])))
+
+  def leaf_stats(i):
+    s = per_leaf[i]
+    column = jnp.zeros_like(getattr(s, field)).at[0].set(whole)
+    return s._replace(**{field: column})
+
+  return leaf_stats
 
 
 def dare(
@@ -285,6 +323,7 @@ spec.register(
   ties_merging,
   prepare=_ties_prepare,
   with_stats=_ties,
+  stream_stats=_ties_stream_stats,
   density=spec.FRACTION,
   scale=spec.SCALE,
   trim_scope=spec.choice(*sparsify.TRIM_SCOPES),

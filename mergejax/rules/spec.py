@@ -180,6 +180,11 @@ class RuleSpec:
       outside jit on concrete CPU inputs (see `mergejax.selection.prefer_host`); its result goes
       to `with_stats`.
     with_stats: `with_stats(base, experts, stats, **hparams)`: `fn` given precomputed stats.
+    stream_stats: optional out-of-core `prepare` for the streaming engine:
+      `stream_stats(leaves, sizes, **hparams) -> leaf_stats`, where `leaves()` starts a pass over
+      the merged leaves in tree order (yielding `(base_leaf, [expert leaves])` as NumPy arrays)
+      and `sizes` are their entry counts; `leaf_stats(i)` is what `with_stats` takes for a tree
+      holding leaf i alone. Rules without a `prepare` need none (`mergejax.streaming`).
     check: optional cross-parameter check `check(hparams, num_experts)` raising ValueError.
     min_experts / max_experts: how many experts the rule takes.
   """
@@ -193,6 +198,7 @@ class RuleSpec:
   check: Callable[[dict[str, Any], int], None] | None = None
   min_experts: int = 1
   max_experts: int | None = None
+  stream_stats: Callable[..., Any] | None = None
 
   def __call__(self, base: Any, experts: Any, **hparams: Any) -> Any:
     """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`)."""
@@ -264,6 +270,7 @@ def register(
   check: Callable[[dict[str, Any], int], None] | None = None,
   min_experts: int = 1,
   max_experts: int | None = None,
+  stream_stats: Callable[..., Any] | None = None,
   **hparams: HParam,
 ) -> RuleSpec:
   """Registers a rule: `fn` and one `HParam` per keyword-only hyper-parameter of `fn`.
@@ -277,6 +284,7 @@ def register(
     check: optional cross-parameter check.
     min_experts: fewest experts the rule accepts.
     max_experts: most experts the rule accepts (None: any number).
+    stream_stats: optional out-of-core pre-pass (needs `with_stats`), see `RuleSpec`.
     **hparams: `{name: HParam}`; must name exactly `fn`'s keyword-only parameters.
 
   Returns:
@@ -300,6 +308,8 @@ def register(
     raise TypeError(f"register({name!r}): hyper-parameters {missing} have no default.")
   if (prepare is None) != (with_stats is None):
     raise TypeError(f"register({name!r}): pass both prepare= and with_stats=, or neither.")
+  if stream_stats is not None and with_stats is None:
+    raise TypeError(f"register({name!r}): stream_stats= feeds with_stats=; pass both.")
   spec = RuleSpec(
     name=name,
     fn=fn,
@@ -310,6 +320,7 @@ def register(
     check=check,
     min_experts=min_experts,
     max_experts=max_experts,
+    stream_stats=stream_stats,
   )
   REGISTRY[name] = spec
   return spec

@@ -1,0 +1,90 @@
+"""What lets a rule run one leaf at a time: whole-model sums and leaf keys folded in advance.
+
+**Whole-model sums.**
+A rule that needs a statistic of the whole model (TIES's election fallback sums the score over all
+leaves, EMR's rescalers are ratios of sums of |τ| over all leaves) writes it as
+`leafwise.total(partial)`, `partial` being the sum over the leaves of the tree it was given. In an
+ordinary call that tree is the whole model and `total` is the identity. The streaming engine
+(`mergejax.streaming`) runs a rule on one leaf at a time: it first traces the rule under
+`recording`, which collects each call's per-leaf partial and hands back a placeholder; it sums
+the partials over all leaves in a statistics pass; then it runs the rule again under
+`substituting`, which hands each call its whole-model value. Calls are told apart by their order,
+which is the same on every leaf (a rule calls `total` on trees, never per leaf).
+
+**Folded keys.** Random rules draw one key per (expert, leaf path) (`sparsify.leaf_key`). The
+engine runs a rule on `{"x": leaf}`, so that one executable serves every leaf of a shape, and
+passes that leaf's keys in as data: a `FoldedKeys` given as the rule's `key`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+
+_STATE = threading.local()
+
+
+class _Context:
+  def __init__(self, values: Sequence[Any] | None):
+    self.values = values  # None: recording.
+    self.partials: list[jax.Array] = []
+
+  def visit(self, partial: jax.Array) -> jax.Array:
+    i = len(self.partials)
+    self.partials.append(partial)
+    if self.values is None:
+      return partial
+    if i >= len(self.values):
+      raise RuntimeError(
+        f"whole_model.total called {i + 1} times, but the statistics pass saw {len(self.values)} "
+        "calls: a rule must make the same calls on every leaf."
+      )
+    return self.values[i]
+
+
+def total(partial: jax.Array) -> jax.Array:
+  """The whole model's value of a sum over leaves, given the sum over this tree's leaves.
+
+  Args:
+    partial: a float32 scalar, the sum over the leaves of the tree at hand.
+
+  Returns:
+    `partial` itself outside the streaming engine; inside it, the sum over every leaf.
+  """
+  ctx = getattr(_STATE, "ctx", None)
+  return partial if ctx is None else ctx.visit(partial)
+
+
+@contextlib.contextmanager
+def _use(ctx: _Context) -> Iterator[_Context]:
+  previous = getattr(_STATE, "ctx", None)
+  _STATE.ctx = ctx
+  try:
+    yield ctx
+  finally:
+    _STATE.ctx = previous
+
+
+def recording() -> contextlib.AbstractContextManager[_Context]:
+  """Within: `total` records each partial (in `ctx.partials`) and returns it unchanged."""
+  return _use(_Context(None))
+
+
+def substituting(values: Sequence[Any]) -> contextlib.AbstractContextManager[_Context]:
+  """Within: the i-th call of `total` returns `values[i]` (partials still recorded)."""
+  return _use(_Context(values))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FoldedKeys:
+  """Leaf keys folded in advance: `data[t, i]` holds `sparsify.leaf_key_data`'s words for expert
+  t and leaf i of the tree the rule is given. Not a jax key: a rule that uses its key any other
+  way than through `sparsify` fails loudly instead of drawing other masks."""
+
+  data: jax.Array  # uint32 [T, L, W].

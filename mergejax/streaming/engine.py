@@ -1,0 +1,370 @@
+"""`StreamingMerge`: any registered rule, one leaf at a time, within a memory budget (see the
+package docstring)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax import leafwise, sparsify
+from mergejax import tree as tree_lib
+from mergejax.rules import front_door
+from mergejax.rules import spec as spec_lib
+from mergejax.rules.task_specific import TaskSpecificMerge
+from mergejax.streaming.programs import (
+  _EXECUTABLES,
+  LazyLeaf,
+  Timings,
+  _abstract,
+  _dependencies,
+  _program,
+  _signature,
+  _size,
+  default_budget_bytes,
+)
+
+
+class StreamingMerge:
+  """A merge of flat `{path: leaf}` models, computed leaf by leaf on demand.
+
+  Args:
+    rule_name: a key of `rules.REGISTRY`.
+    base: `{"a/b/c": array}` of θ0 (memory-mapped NumPy views are read only when needed).
+    experts: one such dict per expert, with the paths, shapes and dtypes of `base`.
+    hparams: the rule's hyper-parameters (a random rule's key included).
+    include / exclude / others / non_float / check_finite: as for `rules.merge`.
+    memory_budget: bytes of working memory at most (None: `default_budget_bytes()`).
+    dtype: output dtype of the floating leaves (None: the base's).
+    order: the order leaves will be asked for (groups are formed along it); default tree order.
+
+  Raises:
+    ValueError / TypeError / KeyError: as `rules.merge` does, and a leaf whose working set exceeds
+      the budget (naming it, its working set and the budget), all before any output exists.
+  """
+
+  def __init__(
+    self,
+    rule_name: str,
+    base: dict[str, Any],
+    experts: Sequence[dict[str, Any]],
+    hparams: dict[str, Any],
+    *,
+    include=None,
+    exclude=None,
+    others: str = "base",
+    non_float: str = "check",
+    check_finite: bool = True,
+    memory_budget: int | None = None,
+    dtype: Any = None,
+    order: Sequence[str] | None = None,
+  ):
+    started = time.perf_counter()
+    self.timings = Timings()
+    self._started = started
+    self.rule = spec_lib.get(rule_name)
+    self.experts, self.base = list(experts), dict(base)
+    if not self.experts:
+      raise ValueError("A merge needs at least one expert.")
+    if others not in front_door.OTHERS or non_float not in front_door.NON_FLOAT:
+      raise ValueError(
+        f"others must be in {front_door.OTHERS}, non_float in {front_door.NON_FLOAT}."
+      )
+    self.full = self.rule.validate(hparams, num_experts=len(self.experts))
+    tree_lib.check_compatible(self.base, self.experts)
+    self.check, self.others, self.out_dtype = check_finite, others, dtype
+    self.budget = default_budget_bytes() if memory_budget is None else int(memory_budget)
+    self._select(
+      front_door._as_patterns("include", include),
+      front_door._as_patterns("exclude", exclude),
+      non_float,
+    )
+    self.static, traced = self.rule.split(self.full)
+    self.key = traced.pop("key", None)
+    self.traced = traced
+    self.num_outputs = 1
+    self.reason = self._streamable()
+    self._groups: dict[str, int] = {}
+    self._cache: dict[tuple[str, int], np.ndarray] = {}
+    if self.reason is None:
+      self._plan(list(order) if order is not None else list(self.base))
+      self._statistics()
+    else:
+      self._merge_in_memory()
+
+  # ------------------------------------------------------------------------------ set-up
+  def _select(self, include, exclude, non_float) -> None:
+    paths = list(self.base)
+    floats = {p for p, x in self.base.items() if tree_lib.is_float(x)}
+    front_door._check_patterns_match("include", include, paths)
+    front_door._check_patterns_match("exclude", exclude, paths)
+    predicate = tree_lib.path_predicate(include, exclude)
+    self.merged_paths = [p for p in paths if p in floats and predicate(p)]
+    if not self.merged_paths:
+      raise ValueError(f"include={include!r}, exclude={exclude!r} select no floating leaf.")
+    whole = include is None and exclude is None and len(floats) == len(paths)
+    if not whole:  # rules.merge merges a flat {path: leaf} dict then: its (sorted) leaf order.
+      self.merged_paths.sort()
+    front_door._check_non_float(self.base, self.experts, floats, non_float)
+    self.index = {p: i for i, p in enumerate(self.merged_paths)}
+    self.rest_floats = [p for p in paths if p in floats and p not in self.index]
+
+  def _args(self, paths: Sequence[str], stats=None, totals=()):
+    """The program's arguments for a tree of `paths` (one leaf: the canonical `{"x": leaf}`)."""
+    names = ["x"] if len(paths) == 1 else list(paths)
+    base = {n: self.base[p] for n, p in zip(names, paths, strict=True)}
+    experts = [{n: e[p] for n, p in zip(names, paths, strict=True)} for e in self.experts]
+    traced = dict(self.traced)
+    if self.key is not None:
+      traced["key"] = leafwise.FoldedKeys(sparsify.leaf_key_data(self.key, len(experts), paths))
+    return base, experts, stats, traced, [jnp.float32(v) for v in totals]
+
+  def _fn(self):
+    if self.rule.stream_stats is not None:
+      return self.rule.with_stats, True
+    return self.rule.fn, False
+
+  def _streamable(self) -> str | None:
+    """None if the rule streams; else why not (then the merge runs in memory)."""
+    if self.rule.prepare is not None and self.rule.stream_stats is None:
+      return f"{self.rule.name} has a whole-model pre-pass (prepare=) but no stream_stats= hook"
+    fn, with_stats = self._fn()
+    if with_stats or len(self.merged_paths) < 2:
+      return None  # A stream_stats hook declares its rule leaf-local given the statistics.
+    paths = self._probe_pair()
+    self.num_totals = self._count_totals(paths[:1], None)
+    program = _program(fn, self.static, False, False, False, None)
+    args = self._args(paths, None, [0.0] * self.num_totals)
+    try:
+      deps = _dependencies(lambda *a: program(*a)[0], args)
+    except TypeError as e:  # E.g. a random rule using its key other than through sparsify.
+      return f"{self.rule.name} cannot run on one leaf at a time ({e})"
+    n_in = len(jax.tree.leaves(args[:2]))
+    inputs_of = [set(range(i, n_in, 2)) for i in (0, 1)]  # Flat inputs of leaf 0, of leaf 1.
+    for j, d in enumerate(deps):  # Outputs alternate leaf 0, leaf 1 (per part of the result).
+      if d & inputs_of[1 - j % 2]:
+        return (
+          f"{self.rule.name}'s output leaf {paths[j % 2]!r} depends on leaf "
+          f"{paths[1 - j % 2]!r} other than through leafwise.total sums"
+        )
+    return None
+
+  def _probe_pair(self) -> list[str]:
+    # Two leaves of different shapes where there are (a 2-D one first: row-wise rules show up).
+    by_shape = {}
+    for p in self.merged_paths:
+      by_shape.setdefault(np.shape(self.base[p]), p)
+    picked = sorted(by_shape.values(), key=lambda p: -np.ndim(self.base[p]))[:2]
+    return sorted(picked if len(picked) == 2 else self.merged_paths[:2])
+
+  def _count_totals(self, paths, stats) -> int:
+    """How many whole-model sums the rule takes (the same on every leaf)."""
+    fn, with_stats = self._fn()
+    with leafwise.recording() as ctx:
+      base, experts, stats, traced, _ = self._args(paths, stats)
+      args = (base, experts, stats) if with_stats else (base, experts)
+      jax.eval_shape(lambda a, t: fn(*a, **self.static, **t), args, traced)
+    return len(ctx.partials)
+
+  # ------------------------------------------------------------------------------ planning
+  def _executable(self, path: str, totals_only: bool):
+    fn, with_stats = self._fn()
+    args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals)
+    static = tuple(sorted(self.static.items()))
+    key = (fn, static, with_stats, self.check, totals_only, str(self.out_dtype), _signature(args))
+    if key not in _EXECUTABLES:
+      start = time.perf_counter()
+      program = _program(fn, self.static, with_stats, self.check, totals_only, self.out_dtype)
+      lowered = jax.jit(program).lower(*_abstract(args))
+      _EXECUTABLES[key] = lowered.compile()
+      self.timings.executables += 1
+      self.timings.compile_s += time.perf_counter() - start
+    return _EXECUTABLES[key], args
+
+  def _leaf_stats(self, path: str):
+    return None if self._stats is None else self._stats(self.index[path])
+
+  def _plan(self, order: list[str]) -> None:
+    self._stats = None
+    if self.rule.stream_stats is not None:
+      self._stats = self._stream_stats()
+    first = self.merged_paths[0]
+    self.num_totals = self._count_totals([first], self._leaf_stats(first))
+    self.order = [p for p in order if p in self.index]
+    self.working_set: dict[str, int] = {}
+    for path in self.merged_paths:
+      compiled, _ = self._executable(path, False)
+      mem = compiled.memory_analysis()
+      ws = (
+        int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
+        if mem is not None
+        else 4 * sum(int(np.size(m[path])) for m in (self.base, *self.experts)) * 3
+      )
+      self.working_set[path] = ws
+      if ws > self.budget:
+        raise ValueError(
+          f"Leaf {path!r} ({np.shape(self.base[path])}, {len(self.experts)} experts) needs "
+          f"{_size(ws)} of working memory to merge with {self.rule.name}, more than the "
+          f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget "
+          "must hold the largest leaf of every model at once, plus XLA's temporaries)."
+        )
+    self.timings.peak_working_set_bytes = max(self.working_set.values())
+    group, used = 0, 0
+    for path in self.order:
+      if used and used + self.working_set[path] > self.budget:
+        group, used = group + 1, 0
+      self._groups[path] = group
+      used += self.working_set[path]
+    self.group_paths: dict[int, list[str]] = {}
+    for path, g in self._groups.items():
+      self.group_paths.setdefault(g, []).append(path)
+    self.timings.groups = len(self.group_paths)
+    _, with_stats = self._fn()
+    fn = self.rule.with_stats if with_stats else self.rule.fn
+    out = jax.eval_shape(
+      lambda *a: _program(fn, self.static, with_stats, False, False, None)(*a)[0],
+      *_abstract(
+        self._args(
+          self.merged_paths[:1], self._leaf_stats(self.merged_paths[0]), [0.0] * self.num_totals
+        )
+      ),
+    )
+    self.task_specific = isinstance(out, TaskSpecificMerge)
+    self.num_outputs = out.num_tasks if self.task_specific else 1
+
+  def _leaves(self) -> Iterator[tuple[Any, list[Any]]]:
+    for p in self.merged_paths:
+      yield np.asarray(self.base[p]), [np.asarray(e[p]) for e in self.experts]
+
+  def _stream_stats(self):
+    start = time.perf_counter()
+    passes = []
+
+    def leaves():
+      passes.append(1)
+      return self._leaves()
+
+    sizes = [int(np.size(self.base[p])) for p in self.merged_paths]
+    stats = self.rule.stream_stats(leaves, sizes, **self.full)
+    self.timings.stats_passes += len(passes)
+    self.timings.stats_s += time.perf_counter() - start
+    return stats
+
+  def _statistics(self) -> None:
+    """The whole-model sums, round by round (a sum whose partials need others waits for them)."""
+    self.totals: dict[int, np.float32] = {}
+    if not self.num_totals:
+      return
+    start = time.perf_counter()
+    fn, with_stats = self._fn()
+    program = _program(fn, self.static, with_stats, False, True, None)
+    path = self.merged_paths[0]
+    args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals)
+    deps = _dependencies(program, args)
+    n_in = len(jax.tree.leaves(args))
+    total_inputs = list(range(n_in - self.num_totals, n_in))
+    needs = [{total_inputs.index(i) for i in d if i in total_inputs} for d in deps]
+    while len(self.totals) < self.num_totals:
+      ready = [
+        j for j in range(self.num_totals) if j not in self.totals and needs[j] <= set(self.totals)
+      ]
+      if not ready:
+        raise RuntimeError(f"{self.rule.name}: whole-model sums depend on each other in a cycle.")
+      values = [self.totals.get(j, np.float32(0)) for j in range(self.num_totals)]
+      acc = dict.fromkeys(ready, np.float32(0))
+      for path in self.merged_paths:  # The order a whole-tree call adds the leaves' sums in.
+        compiled, args = self._executable(path, True)
+        args = self._args([path], self._leaf_stats(path), values)
+        partials = jax.device_get(compiled(*args))
+        for j in ready:
+          acc[j] = np.float32(acc[j] + np.float32(partials[j]))
+      self.totals.update(acc)
+      self.timings.stats_passes += 1
+    self.timings.stats_s += time.perf_counter() - start
+
+  def _merge_in_memory(self) -> None:
+    """Fallback for rules that cannot stream: `rules.merge` on the merged leaves."""
+    base = {p: self.base[p] for p in self.merged_paths}
+    experts = [{p: e[p] for p in self.merged_paths} for e in self.experts]
+    merged = front_door.merge(self.rule.name, base, experts, check_finite=self.check, **self.full)
+    if isinstance(merged, TaskSpecificMerge):
+      results = [merged.task_model(base, t) for t in range(merged.num_tasks)]
+    else:
+      results = [merged]
+    self.num_outputs = len(results)
+    for t, r in enumerate(results):
+      for p, x in r.items():
+        x = np.asarray(x)
+        self._cache[(p, t)] = x if self.out_dtype is None else x.astype(self.out_dtype)
+    self.order = list(self.merged_paths)
+
+  # ------------------------------------------------------------------------------ outputs
+  def output_dtype(self, path: str):
+    x = self.base[path]
+    if self.out_dtype is not None and tree_lib.is_float(x):
+      return np.dtype(self.out_dtype)
+    return np.dtype(x.dtype)
+
+  def lazy_outputs(self, task: int = 0) -> dict[str, LazyLeaf]:
+    """`{path: LazyLeaf}` of output `task` (0 for rules with one output), every leaf included."""
+    return {
+      p: LazyLeaf(self, p, task, np.shape(x), self.output_dtype(p)) for p, x in self.base.items()
+    }
+
+  def leaf(self, path: str, task: int = 0) -> np.ndarray:
+    """Output `task`'s leaf `path` as a NumPy array (computing its group if needed)."""
+    if path not in self.index:
+      return self._unmerged(path)
+    if (path, task) not in self._cache:
+      if self.reason is not None:
+        raise KeyError(path)
+      self._run_group(self._groups[path])
+    return self._cache.pop((path, task))
+
+  def _unmerged(self, path: str) -> np.ndarray:
+    x = self.base[path]
+    if tree_lib.is_float(x):
+      if self.check:
+        front_door._check_inputs({path: x}, [{path: e[path]} for e in self.experts])
+      if self.others == "average":
+        x = front_door.weight_average({path: x}, [{path: e[path]} for e in self.experts])[path]
+    x = np.asarray(x)
+    return x if not tree_lib.is_float(x) else x.astype(self.output_dtype(path))
+
+  def _run_group(self, group: int) -> None:
+    self._cache = {k: v for k, v in self._cache.items() if self._groups.get(k[0]) == group}
+    values = [self.totals[j] for j in range(self.num_totals)]
+    pending = []
+    for path in self.group_paths[group]:  # Dispatched together; XLA runs them as they come.
+      compiled, _ = self._executable(path, False)
+      args = self._args([path], self._leaf_stats(path), values)
+      pending.append((path, compiled(*args)))
+    for path, (out, report) in pending:
+      if self.task_specific:
+        base = {"x": self.base[path]}
+        models = [out.task_model(base, t) for t in range(self.num_outputs)]
+      else:
+        models = [out]
+      if self.check:
+        self._check(path, models, report)
+      for t, m in enumerate(models):
+        x = np.asarray(m["x"])
+        want = self.output_dtype(path)
+        self._cache[(path, t)] = x if x.dtype == want else x.astype(want)
+    if self.timings.first_leaf_s is None:
+      self.timings.first_leaf_s = time.perf_counter() - self._started
+
+  def _check(self, path, models, report) -> None:
+    if np.isfinite(np.asarray(report)).all():
+      return
+    front_door._check_inputs({path: self.base[path]}, [{path: e[path]} for e in self.experts])
+    for m in models:
+      tree_lib.check_finite(
+        {path: m["x"]},
+        name="the merged model",
+        hint="the inputs are finite, so the hyper-parameters make the merge overflow",
+      )

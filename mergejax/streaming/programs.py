@@ -1,0 +1,114 @@
+"""The streaming engine's parts below the merge: the memory budget, the compile cache, lazy
+output leaves, and the per-leaf programs (one executable per distinct leaf signature)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
+
+from mergejax import leafwise
+from mergejax.rules import front_door
+from mergejax.rules.task_specific import TaskSpecificMerge
+
+BUDGET_FRACTION = 0.5  # Default budget: this fraction of the memory available at the start.
+_EXECUTABLES: dict[Any, Any] = {}  # Compiled per-leaf programs, shared by every merge.
+
+
+def default_budget_bytes() -> int:
+  """Half of MemAvailable (Linux), else of the physical memory."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(int(line.split()[1]) * 1024 * BUDGET_FRACTION)
+  except OSError:
+    pass
+  return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * BUDGET_FRACTION)
+
+
+def enable_compile_cache(directory: str) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` (every executable kept)."""
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@dataclasses.dataclass
+class Timings:
+  """What run.json records of a streaming merge."""
+
+  executables: int = 0  # Compiled by this merge (the others came from the cache).
+  compile_s: float = 0.0
+  stats_passes: int = 0
+  stats_s: float = 0.0
+  first_leaf_s: float | None = None  # From the constructor's start to the first output leaf.
+  peak_working_set_bytes: int = 0
+  groups: int = 0
+
+
+class LazyLeaf:
+  """One output leaf: shape and dtype now, the values on `np.asarray` (computed then)."""
+
+  def __init__(self, engine: Any, path: str, task: int, shape, dtype):  # A StreamingMerge.
+    self._engine, self.path, self.task = engine, path, task
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+    self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
+    self.nbytes = self.size * self.dtype.itemsize
+
+  def __array__(self, dtype=None, copy=None):
+    out = self._engine.leaf(self.path, self.task)
+    return out if dtype is None else out.astype(dtype)
+
+
+def _size(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def _signature(args) -> tuple:
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple((np.shape(x), np.dtype(x.dtype).str) for x in leaves)
+
+
+def _abstract(args):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
+
+
+def _dependencies(fun, args) -> list[set[int]]:
+  """For each flat output of `fun(*args)`, the flat inputs it depends on (from the jaxpr; an
+  equation's outputs depend on all its inputs, which over-approximates and is safe)."""
+  jaxpr = jax.make_jaxpr(fun)(*_abstract(args)).jaxpr
+  deps: dict[Any, set[int]] = {v: {i} for i, v in enumerate(jaxpr.invars)}
+  for eqn in jaxpr.eqns:
+    used = set().union(*(deps.get(v, set()) for v in eqn.invars if isinstance(v, jax_core.Var)))
+    for v in eqn.outvars:
+      deps[v] = used
+  return [deps.get(v, set()) if isinstance(v, jax_core.Var) else set() for v in jaxpr.outvars]
+
+
+def _program(fn, static, with_stats, check, totals_only, out_dtype):
+  """The per-leaf program: the merged leaf and its finite report, or the partials of the
+  whole-model sums. A task-specific result (EMR, TALL masks) is returned as it is, its task
+  models built outside jit as `rules.merge`'s callers build them (same bits)."""
+
+  def run(base, experts, stats, traced, totals):
+    with leafwise.substituting(totals) as ctx:
+      args = (base, experts, stats) if with_stats else (base, experts)
+      out = fn(*args, **static, **traced)
+    if totals_only:
+      return ctx.partials
+    if isinstance(out, TaskSpecificMerge):
+      inputs = [front_door._max_abs(t) for t in (base, *experts)]
+      return out, (jnp.concatenate([front_door._max_abs(out), *inputs]) if check else None)
+    report = None
+    if check:
+      out = front_door._poison(out, base, experts)
+      report = front_door._max_abs(out)
+    return jax.tree.map(lambda x: x if out_dtype is None else x.astype(out_dtype), out), report
+
+  return run

@@ -1,0 +1,87 @@
+"""Exact model-wide top-k of leaves that arrive one at a time (the streaming engine's TIES trim).
+
+Same statistics as `selection.top_k_stats`, bit for bit, from two passes over the leaves instead
+of one partition of them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax.selection import TopKStats
+
+_BINS = 1 << 15  # Histogram bins: a float32 magnitude's bit pattern >> 16 (sign bit clear).
+_CHUNK = 1 << 22  # Entries per host pass step (16 MB of float32 scratch).
+
+
+class StreamingTopK:
+  """Exact `top_k_stats` of groups whose leaves arrive one at a time, in two passes over them.
+
+  The streaming engine cannot hold a whole model to partition it. Pass 1 (`add`) counts each
+  group's magnitudes in a histogram of their float32 bit patterns' top 16 bits (monotone in the
+  magnitude; 2^7 bins per octave); `select` finds the bin holding the k-th largest; pass 2
+  (`add(..., collect=True)`) sums the entries above that bin and keeps those inside it, about
+  n / 2^7 per octave at most; `finalize` partitions those. Memory: the histogram, one chunk of
+  scratch, and the threshold bin's entries. The threshold equals `top_k_stats`'s bit for bit.
+  """
+
+  def __init__(self, ks: Sequence[int]):
+    self.ks = [int(k) for k in ks]
+    self.counts = np.zeros((len(self.ks), _BINS), np.int64)
+    self.bins: list[int] | None = None
+
+  @staticmethod
+  def _chunks(x, origin):
+    x = np.asarray(x).reshape(-1)
+    o = None if origin is None else np.asarray(origin).reshape(-1)
+    for start in range(0, x.size, _CHUNK):
+      part = x[start : start + _CHUNK]
+      if o is None:
+        yield part.astype(np.float32)
+      else:
+        yield np.subtract(part, o[start : start + _CHUNK], dtype=np.float32)
+
+  def add(self, group: int, x, origin=None, *, collect: bool = False) -> None:
+    """Adds one leaf of `group`: counted in pass 1, collected in pass 2 (`collect=True`)."""
+    for d in self._chunks(x, origin):
+      high = np.abs(d).view(np.uint32) >> 16
+      if not collect:
+        self.counts[group] += np.bincount(high, minlength=_BINS)
+        continue
+      b = self.bins[group]
+      above = np.compress(high > b, d)
+      self.kept_sum[group] += np.sum(above, dtype=np.float64)
+      self.kept_sign[group] += float(np.count_nonzero(above > 0) - np.count_nonzero(above < 0))
+      self.candidates[group].append(np.compress(high == b, d))
+
+  def select(self) -> None:
+    """Between the passes: the bin of each group's k-th largest magnitude."""
+    self.bins, self.ranks = [], []
+    for counts, k in zip(self.counts, self.ks, strict=True):
+      if not 1 <= k <= counts.sum():
+        raise ValueError(f"k={k} is outside [1, {int(counts.sum())}] (entries seen).")
+      from_top = np.cumsum(counts[::-1])
+      j = int(np.searchsorted(from_top, k))
+      b = _BINS - 1 - j
+      self.bins.append(b)
+      self.ranks.append(k - int(from_top[j] - counts[b]))  # Rank of the k-th inside its bin.
+    self.kept_sum = np.zeros(len(self.ks))
+    self.kept_sign = np.zeros(len(self.ks))
+    self.candidates = [[] for _ in self.ks]
+
+  def finalize(self) -> TopKStats:
+    """After pass 2: the `TopKStats` of every group ([G] float32)."""
+    out = []
+    for g, rank in enumerate(self.ranks):
+      candidates = np.concatenate(self.candidates[g])
+      magnitude = np.abs(candidates)
+      index = candidates.size - rank
+      threshold = np.partition(magnitude, index)[index]
+      kept = candidates[magnitude >= threshold]
+      kept_sum = self.kept_sum[g] + np.sum(kept, dtype=np.float64)
+      kept_sign = self.kept_sign[g] + float(np.sum(np.sign(kept), dtype=np.float64))
+      out.append((threshold, kept_sum, kept_sign))
+    return TopKStats(*(jnp.asarray([r[i] for r in out], jnp.float32) for i in range(3)))

@@ -1,0 +1,248 @@
+"""The streaming engine: the same bits as rules.merge for every rule, budgets, compiles, kills."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import merge as merge_config
+from mergejax import rules, streaming
+from mergejax import tree as tree_lib
+from mergejax.io import atomic, hf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPES = {"a/w": (8, 6), "a/b": (6,), "c/w": (8, 6), "d": (5, 7), "e/scale": (7,)}
+
+
+def _models(n=3, shapes=SHAPES, seed=0):
+  rng = np.random.default_rng(seed)
+  base = {p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()}
+  experts = [
+    {p: (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32) for p, x in base.items()}
+    for _ in range(n)
+  ]
+  return base, experts
+
+
+def _in_memory(name, base, experts, **kwargs):
+  nested = tree_lib.unflatten(base)
+  result = rules.merge(name, nested, [tree_lib.unflatten(e) for e in experts], **kwargs)
+  models = rules.task_models(result, nested, len(experts))
+  if not isinstance(result, rules.TaskSpecificMerge):
+    models = models[:1]
+  return [tree_lib.flatten(m) for m in models]
+
+
+@pytest.mark.parametrize("name", sorted(rules.REGISTRY))
+def test_streaming_equals_in_memory_bit_for_bit(name):
+  base, experts = _models()
+  experts = experts[:2] if name == "slerp" else experts
+  hparams = rules.add_key(name, {}, 0)
+  expected = _in_memory(name, base, experts, **hparams)
+  # The tightest budget: that of the largest leaf, so that groups hold one leaf or a few.
+  probe = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  budget = probe.timings.peak_working_set_bytes or 2**30
+  engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=budget)
+  assert engine.num_outputs == len(expected)
+  # These trim over the whole model inside jit (sparsify_combine's default; DARE-TIES's MergeLM
+  # default, a TIES trim after the drop), so the engine finds them not leaf-local and merges in
+  # memory; the result is still the in-memory one. TSV-C (a task-specific result) is found not
+  # leaf-local by the same check and falls back too (to be made leaf-local: issue 14 follow-up).
+  falls_back = {"sparsify_combine", "dare_ties", "tsv_c"}
+  if engine.reason is None:
+    assert name not in falls_back
+    assert engine.timings.groups > 1, engine.timings
+  else:
+    assert name in falls_back and "depends on leaf" in engine.reason
+  for t, model in enumerate(expected):
+    for path in base:
+      np.testing.assert_array_equal(engine.leaf(path, t), np.asarray(model[path]), err_msg=path)
+
+
+@pytest.mark.parametrize(
+  "name,hparams",
+  [
+    ("ties", {"trim_scope": "leaf"}),
+    ("ties", {"election": "count", "density": 0.5}),
+    ("dare", {"combine": "ties", "rescale": "l1"}),
+    ("della", {"combine": "sum", "scope": "leaf"}),
+    ("consensus", {"combine": "ties_untrimmed"}),
+    ("dare_ties", {"trim_density": None}),  # mergekit-style: no trim after the drop.
+  ],
+)
+def test_streaming_equals_in_memory_for_options(name, hparams):
+  base, experts = _models()
+  hparams = rules.add_key(name, hparams, 3)
+  expected = _in_memory(name, base, experts, exclude="d", others="average", **hparams)
+  engine = streaming.StreamingMerge(
+    name, base, experts, hparams, exclude="d", others="average", memory_budget=8000
+  )
+  assert engine.reason is None
+  for path in base:
+    np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[0][path]), err_msg=path)
+
+
+def test_statistics_take_passes_in_dependency_order():
+  # EMR: the election sum first, then the masked sums that depend on it (the |τ| sums with it).
+  base, experts = _models()
+  engine = streaming.StreamingMerge("emr", base, experts, {}, memory_budget=8000)
+  assert engine.num_totals == 1 + 2 * len(experts) and engine.timings.stats_passes == 2
+  ties = streaming.StreamingMerge("ties", base, experts, {}, memory_budget=8000)
+  assert ties.timings.stats_passes == 2  # Histogram, then the threshold bin's entries.
+
+
+def test_a_budget_below_one_leaf_fails_naming_it():
+  base, experts = _models(shapes={"small": (4,), "big": (128, 128)})
+  with pytest.raises(
+    ValueError, match=r"Leaf 'big' \(\(128, 128\), 3 experts\) needs .* KiB .* budget of 97.7 KiB"
+  ):
+    streaming.StreamingMerge("task_arithmetic", base, experts, {}, memory_budget=100_000)
+
+
+def test_compile_count_depends_on_shapes_not_leaves():
+  shapes = {f"layer_{i}/{k}": s for i in range(12) for k, s in {"w": (9, 5), "b": (5,)}.items()}
+  base, experts = _models(shapes=shapes)
+  hparams = rules.add_key("dare", {"density": 0.3}, 0)
+  first = streaming.StreamingMerge("dare", base, experts, hparams, memory_budget=10_000)
+  assert first.timings.executables in (0, 2)  # Two shapes (0 if an earlier test compiled them).
+  again = streaming.StreamingMerge("dare", base, experts, {**hparams, "density": 0.5})
+  assert again.timings.executables == 0  # Traced density: the same executables.
+  for path in base:
+    expected = _in_memory("dare", base, experts, **{**hparams, "density": 0.5})[0]
+    np.testing.assert_array_equal(again.leaf(path), np.asarray(expected[path]))
+
+
+def test_a_rule_coupling_leaves_is_merged_in_memory():
+  def global_norm(base, experts, *, scale=1.0):
+    tv = [jax.tree.map(lambda x, b: x - b, e, base) for e in experts]
+    norm = sum(jnp.sum(x**2) for x in jax.tree.leaves(tv[0]))  # Not a leafwise.total.
+    return jax.tree.map(lambda b, x: b + scale * x / norm, base, tv[0])
+
+  rules.register("global_norm_demo", global_norm, scale=rules.spec.SCALE)
+  try:
+    base, experts = _models()
+    engine = streaming.StreamingMerge("global_norm_demo", base, experts, {}, memory_budget=8000)
+    assert "depends on leaf" in engine.reason
+    expected = _in_memory("global_norm_demo", base, experts)[0]
+    for path in base:
+      np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[path]))
+  finally:
+    del rules.REGISTRY["global_norm_demo"]
+
+
+def test_a_nan_names_the_leaf_and_the_expert():
+  base, experts = _models()
+  experts[1]["c/w"] = experts[1]["c/w"].copy()
+  experts[1]["c/w"][2, 3] = np.nan
+  engine = streaming.StreamingMerge("ties", base, experts, {}, memory_budget=8000)
+  with pytest.raises(ValueError, match=r"Leaf 'c/w' of experts\[1\] holds 1 NaN"):
+    [engine.leaf(p) for p in base]
+
+
+# ------------------------------------------------------------------------------ from disk
+def _hf_models(tmp_path, n=3):
+  base, experts = _models(
+    n,
+    shapes={
+      "model.embed.weight": (32, 8),
+      "model.h.0.fc.weight": (8, 8),
+      "model.h.1.fc.weight": (8, 8),
+      "lm_head.weight": (32, 8),
+    },
+  )
+  paths = []
+  for i, sd in enumerate([base, *experts]):
+    d = tmp_path / ("base" if i == 0 else f"expert{i}")
+    hf.write_dir(d, {k.replace("/", "."): v for k, v in sd.items()}, {"model_type": "toy"})
+    paths.append(str(d))
+  return paths[0], paths[1:]
+
+
+def _config(rule, base, experts, **fields):
+  config = merge_config.get_config(rule)
+  config.base, config.experts = base, tuple(experts)
+  for k, v in fields.items():
+    setattr(config, k, v)
+  return config
+
+
+def _snapshot(directory):
+  return {
+    str(p.relative_to(directory)): p.read_bytes()
+    for p in sorted(pathlib.Path(directory).rglob("*"))
+    if p.is_file()
+  }
+
+
+def test_from_disk_streaming_equals_memory_engine(tmp_path):
+  base, experts = _hf_models(tmp_path)
+  for engine in ("memory", "streaming"):
+    config = _config("ties", base, experts, engine=engine, shard_size="1KB", dtype="bfloat16")
+    config.memory_budget_gb = 6e-6  # ~6 KiB: a group per leaf or two.
+    run_record = __import__("mergejax.run", fromlist=["run"]).merge_from_disk(
+      config, tmp_path / engine
+    )
+  assert _snapshot(tmp_path / "memory" / "merged") == _snapshot(tmp_path / "streaming" / "merged")
+  record = json.loads((tmp_path / "streaming" / "run.json").read_text())
+  assert record["engine"] == "streaming" and record["streaming"]["groups"] > 1
+  assert record["streaming"]["stats_passes"] == 2 and run_record["phases_s"]["plan"] >= 0
+
+
+def test_a_budget_below_one_leaf_writes_nothing(tmp_path):
+  from mergejax import run
+
+  base, experts = _hf_models(tmp_path)
+  workdir = tmp_path / "w"
+  run.merge_from_disk(_config("task_arithmetic", base, experts), workdir)
+  before = _snapshot(workdir)
+  config = _config("task_arithmetic", base, experts, memory_budget_gb=1e-7)
+  with pytest.raises(ValueError, match="memory budget"):
+    run.merge_from_disk(config, workdir)
+  assert _snapshot(workdir) == before and not list(tmp_path.glob(".mergejax-tmp-*"))
+
+
+_KILLER = textwrap.dedent(
+  """
+  import os, signal, sys
+  from configs import merge as merge_config
+  from mergejax import run, streaming
+
+  base, workdir, *experts = sys.argv[1:]
+  run_group, seen = streaming.StreamingMerge._run_group, []
+  def counting(self, group):  # Killed once a few shards are complete in the staged workdir.
+    seen.append(group)
+    if len(seen) == 2:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return run_group(self, group)
+  streaming.StreamingMerge._run_group = counting
+  config = merge_config.get_config("dare")
+  config.base, config.experts, config.shard_size = base, tuple(experts), "1KB"
+  config.memory_budget_gb = 6e-6
+  run.merge_from_disk(config, workdir)
+  """
+)
+
+
+def test_a_run_killed_mid_stream_leaves_nothing_partial(tmp_path):
+  from mergejax import run
+
+  base, experts = _hf_models(tmp_path)
+  workdir = tmp_path / "w"
+  run.merge_from_disk(_config("task_arithmetic", base, experts, shard_size="1KB"), workdir)
+  before = _snapshot(workdir)
+  proc = subprocess.run(
+    [sys.executable, "-c", _KILLER, base, str(workdir), *experts], cwd=ROOT, capture_output=True
+  )
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+  staged = list(tmp_path.glob(".mergejax-tmp-w-*/merged/model-*.safetensors"))
+  assert staged, "the kill came before any shard was complete"  # Shards complete as they go...
+  assert _snapshot(workdir) == before  # ...but only in the staged workdir.
+  atomic.remove_debris(tmp_path, "w")
+  assert not list(tmp_path.glob(".mergejax-tmp-*"))
