@@ -119,7 +119,9 @@ def merge_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.eval_baselines:
     results["pretrained"] = {t: accuracy(base, t) for t in tasks}
     results["finetuned"] = {t: accuracy(pool.experts[t], t) for t in tasks}
-  label = config.rule_name + "".join(f" {k}={v}" for k, v in sorted((config.rule or {}).items()))
+  # The row label names the hyper-parameters that are set (None: the rule's default behaviour).
+  hparams = sorted((k, v) for k, v in (config.rule or {}).items() if v is not None)
+  label = config.rule_name + "".join(f" {k}={v}" for k, v in hparams)
   results[label] = {t: accuracy(per_task[t], t) for t in tasks}
   table = _table(results, tasks)
   logging.info("Results:\n%s", table)
