@@ -1,26 +1,35 @@
-r"""The built-in offline benchmark; the work lives in `mergejax.benchmark.run_benchmark`.
+r"""The built-in offline benchmarks; the work lives in `mergejax.benchmarks.<name>.run`.
 
-python launch/benchmark.py --config=configs/benchmark.py --workdir=/tmp/mergejax_bench
+python launch/benchmark.py --config=configs/benchmark.py --workdir=results/benchmark  # main job
 python launch/benchmark.py --config=configs/benchmark.py:smoke --workdir=/tmp/bench_smoke
+python launch/benchmark.py --config=configs/digits.py --workdir=/tmp/digits  # stress test
+
+The config's `benchmark` field names the runner: "synthvision" (configs/benchmark.py) or
+"digits" (configs/digits.py).
 """
+
+import importlib
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mergejax.benchmarks.digits import run as benchmark
-
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Path to configs/benchmark.py (optionally :smoke or :vit).", lock_config=True
+  "config", None, "configs/benchmark.py or configs/digits.py (with :switches).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for results and plots.")
+RUNNERS = ("synthvision", "digits")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  name = _CONFIG.value.benchmark
+  if name not in RUNNERS:
+    raise app.UsageError(f"Unknown benchmark {name!r}; known: {RUNNERS}.")
   logging.info("JAX devices: %s", jax.devices())
-  benchmark.run_benchmark(_CONFIG.value, _WORKDIR.value)
+  runner = importlib.import_module(f"mergejax.benchmarks.{name}.run")
+  runner.run_benchmark(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

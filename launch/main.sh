@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # launch/main.sh [FLAGS]: sets everything up, then runs the main job: the built-in offline
-# benchmark (digits zoo, every data-free rule, λ chosen on validation, table + plots).
+# benchmark (synthvision: zoo, regime checks, every data-free and learned merging method with its
+# hyper-parameters chosen on validation, 3 seeds, table + plots).
 # Results land in ${WORKDIR:-results/benchmark}; extra flags pass through to launch/benchmark.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

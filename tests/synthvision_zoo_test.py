@@ -1,15 +1,13 @@
-"""synthvision smoke zoo: cache keys and hits, frozen padded heads, experts, the regime report."""
-
-import json
+"""synthvision smoke zoo: cache keys and hits, frozen padded heads, experts, the regime checks."""
 
 import chex
 import jax
 import numpy as np
 import pytest
 
-from configs import synthvision as sv_config
+from configs import benchmark as sv_config
 from mergejax.benchmarks.common import regime
-from mergejax.benchmarks.synthvision import run
+from mergejax.benchmarks.synthvision import regime as sv_regime
 from mergejax.benchmarks.synthvision import zoo as zoo_lib
 
 
@@ -26,24 +24,28 @@ def _fast_compiles():
 def built(tmp_path_factory):
   config = sv_config.get_config("smoke")
   config.cache_dir = str(tmp_path_factory.mktemp("cache"))
-  return config, zoo_lib.load_or_build(config, progress=False)
+  return config, zoo_lib.load_or_build(config, 0, progress=False)
 
 
 def test_keys_follow_what_determines_each_stage():
   a, b = sv_config.get_config("smoke"), sv_config.get_config("smoke")
-  assert zoo_lib.zoo_keys(a) == zoo_lib.zoo_keys(b)
+  assert zoo_lib.zoo_keys(a, 0) == zoo_lib.zoo_keys(b, 0)
   b.zoo.finetune.learning_rate = 0.5
   # A new fine-tuning recipe keeps the pre-trained backbone's key.
-  assert zoo_lib.zoo_keys(a)[0] == zoo_lib.zoo_keys(b)[0]
-  assert zoo_lib.zoo_keys(a)[1] != zoo_lib.zoo_keys(b)[1]
-  b.seed = 1
-  assert zoo_lib.zoo_keys(a)[0] != zoo_lib.zoo_keys(b)[0]
+  assert zoo_lib.zoo_keys(a, 0)[0] == zoo_lib.zoo_keys(b, 0)[0]
+  assert zoo_lib.zoo_keys(a, 0)[1] != zoo_lib.zoo_keys(b, 0)[1]
+  # So does another run seed: every seed shares one pre-trained backbone ...
+  assert zoo_lib.zoo_keys(a, 0)[0] == zoo_lib.zoo_keys(a, 1)[0]
+  assert zoo_lib.zoo_keys(a, 0)[1] != zoo_lib.zoo_keys(a, 1)[1]
+  # ... unless its own seed changes.
+  b.zoo.pretrain.seed = 1
+  assert zoo_lib.zoo_keys(a, 0)[0] != zoo_lib.zoo_keys(b, 0)[0]
 
 
 def test_second_load_is_a_cache_hit_with_equal_params(built):
   config, first = built
   assert not first.cache_hit
-  second = zoo_lib.load_or_build(config, progress=False)
+  second = zoo_lib.load_or_build(config, 0, progress=False)
   assert second.cache_hit and second.key == first.key
   chex.assert_trees_all_close(second.base, first.base)
   chex.assert_trees_all_close(second.experts, first.experts)
@@ -81,14 +83,16 @@ def test_apply_fn_and_evaluate(built):
   assert direct == pytest.approx(acc[1])
 
 
-def test_run_writes_every_regime_statistic(built, tmp_path):
-  config, _ = built
-  config = config.copy_and_resolve_references()
-  config.sanity.ties = config.sanity.dare = ()  # Task arithmetic covers the sanity path.
-  result = run.run(config, tmp_path)
-  saved = json.loads((tmp_path / "regime.json").read_text())
-  assert list(saved["regime"]) == list(regime.TARGETS)
-  assert saved["regime"] == json.loads(json.dumps(result["regime"]))
-  assert (tmp_path / "regime.md").read_text().startswith("# synthvision: regime checks")
-  assert set(saved["sanity"]) == {"task_arithmetic"}
-  assert (tmp_path / "disentanglement_map.png").stat().st_size > 0
+def test_every_regime_statistic_is_measured(built):
+  config, zoo = built
+  refs = sv_regime.reference_accuracies(zoo, "standard")
+  measured = sv_regime.measure_regime(zoo, config, refs)
+  assert list(measured["values"]) == list(regime.TARGETS)
+  assert all(np.isfinite(v) for v in measured["values"].values())
+  details = measured["details"]
+  assert len(details["trim20_gain_per_task"]) == len(zoo.tasks)
+  np.testing.assert_allclose(
+    np.mean(details["trim20_gain_per_task"]), measured["values"]["trim20_gain_retained"]
+  )
+  xi = np.asarray(details["disentanglement_map"]["xi"])
+  assert xi.shape == (len(config.regime.map_coeffs),) * 2 and np.all((xi >= 0) & (xi <= 2))

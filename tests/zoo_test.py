@@ -4,12 +4,12 @@ import chex
 import jax
 import numpy as np
 
-from configs import benchmark as benchmark_config
+from configs import digits as digits_config
 from mergejax.benchmarks.digits import zoo as zoo_lib
 
 
 def _zoo_config(**overrides):
-  config = benchmark_config.get_config("smoke")
+  config = digits_config.get_config("smoke")
   config.zoo.tasks = ("rot90", "invert")
   config.zoo.modes = ("standard",)
   config.zoo.pretrain.steps = config.zoo.finetune.steps = config.zoo.multitask_steps = 4

@@ -109,8 +109,12 @@ def result_row(
   return row
 
 
-def _fmt_hparams(hparams: Mapping[str, Any]) -> str:
+def format_hparams(hparams: Mapping[str, Any]) -> str:
+  """ "name=value, ..." for a table cell ("-" when empty); floats in %g, lists per seed."""
+
   def fmt(v):
+    if isinstance(v, list | tuple):
+      return "/".join(fmt(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)
 
   return ", ".join(f"{k}={fmt(v)}" for k, v in hparams.items()) or "-"
@@ -130,7 +134,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], tasks: Sequence[str]) ->
   header = ["method", "experts", "selected on val", *tasks, "avg", "norm"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
-    cells = [r["method"], r.get("fine_tuning", "-"), _fmt_hparams(r.get("hparams", {}))]
+    cells = [r["method"], r.get("fine_tuning", "-"), format_hparams(r.get("hparams", {}))]
     cells += [f"{100 * a:.1f}" for a in r["test"]]
     cells += [f"{100 * r['avg']:.1f}", f"{100 * r['norm']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")

@@ -12,7 +12,6 @@ unlabeled test *inputs* (AdaMerging, DV-BASI unsupervised) are transductive: the
 """
 
 import functools
-import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -27,62 +26,11 @@ from absl import logging
 from mergejax import finetune, provenance, rules
 from mergejax import task_vectors as tv_lib
 from mergejax import tree as tree_lib
-from mergejax.benchmarks.common import evaluate, plots
+from mergejax.benchmarks.common import evaluate, learned_table, merge_table, plots
 from mergejax.benchmarks.common.data import stack_splits
+from mergejax.benchmarks.common.learned_table import TRANSDUCTIVE_FOOTNOTE
 from mergejax.benchmarks.digits import learned as learned_lib
 from mergejax.benchmarks.digits import zoo as zoo_lib
-from mergejax.benchmarks.digits.learned import (  # noqa: F401 (the mark is re-exported)
-  TRANSDUCTIVE_FOOTNOTE,
-  TRANSDUCTIVE_MARK,
-)
-
-# Names in the printed table.
-RULE_LABELS = {
-  "weight_average": "weight averaging",
-  "task_arithmetic": "task arithmetic",
-  "ties": "TIES",
-  "dare_ties": "DARE-TIES",
-  "breadcrumbs": "Breadcrumbs",
-  "consensus": "Consensus (TA)",
-  "emr": "EMR (task id)",
-  "magmax": "MagMax",
-  "tsv_m": "TSV-M",
-  "iso_c": "ISO-C",
-  "iso_cts": "ISO-CTS",
-  "tsv_c": "TSV-C (task id)",
-}
-
-
-def _grid_points(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
-  if not grid:
-    return [{}]
-  names = list(grid)
-  return [dict(zip(names, values, strict=True)) for values in itertools.product(*grid.values())]
-
-
-def select_on_validation(
-  score_fn, grid: Mapping[str, Sequence[Any]] | None
-) -> tuple[dict[str, Any], float, list[tuple[dict[str, Any], np.ndarray]]]:
-  """Evaluates `score_fn(hparams) -> per-task normalized val accuracy` over a grid; keeps the best.
-
-  Ties go to the earliest grid point (grids list λ in increasing order).
-
-  Args:
-    score_fn: maps a hyper-parameter dict to per-task normalized validation accuracies.
-    grid: {name: candidate values}; None or {} means a single, empty point.
-
-  Returns:
-    (best hparams, best mean score, [(hparams, per-task scores)] for every point).
-  """
-  trace = []
-  best, best_score = None, -np.inf
-  for point in _grid_points(grid):
-    scores = np.asarray(score_fn(point))
-    trace.append((point, scores))
-    if scores.mean() > best_score:
-      best, best_score = point, float(scores.mean())
-  return best, best_score, trace
-
 
 _row = evaluate.result_row
 
@@ -122,6 +70,8 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
   def accuracy(backbone, split, mode="standard"):
     return np.asarray(acc_fns[mode](backbone, *split))
 
+  splits = {"val": val, "test": test}
+
   # 2. Reference rows. expert_matrix[i, j]: expert i on task j; its diagonal is the reference of
   # normalized accuracy (per mode).
   expert_val, expert_test, matrices = {}, {}, {}
@@ -150,20 +100,19 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     vectors = tv_lib.task_vectors(base, experts)
     cosines[mode] = plots.cosine_matrix(vectors)
     conflicts[mode] = plots.sign_conflict_rates(vectors)
-    mode_accuracy = functools.partial(accuracy, mode=mode)
+    mode_accuracy = lambda b, name, mode=mode: accuracy(b, splits[name], mode)  # noqa: E731
     for rule in tqdm.tqdm(config.rules, desc=f"merging ({mode})", leave=False):
       rule_start = time.time()
       extra = rules.add_key(rule, {}, config.seed)
       grid = config.grids.get(rule)
       grid = grid.to_dict() if grid is not None else None
-      best, val_acc, test_acc, trace = _run_rule(
-        rule, base, experts, mode_accuracy, val, test, expert_val[mode], grid, extra
+      best, val_acc, test_acc, trace = merge_table.run_rule(
+        rule, base, experts, mode_accuracy, expert_val[mode], grid, extra
       )
       if grid and "scale" in grid:
-        curves[f"{rule} ({mode})"] = _scale_curve(trace, expert_val[mode])
-      rows.append(
-        _row(RULE_LABELS.get(rule, rule), mode, best, test_acc, expert_test[mode], val_acc)
-      )
+        curves[f"{rule} ({mode})"] = merge_table.scale_curve(trace, expert_val[mode])
+      label = merge_table.RULE_LABELS.get(rule, rule)
+      rows.append(_row(label, mode, best, test_acc, expert_test[mode], val_acc))
       selection[f"{rule} ({mode})"] = {
         "grid_points": len(trace),
         "seconds": round(time.time() - rule_start, 2),
@@ -216,7 +165,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
         plots.plot_accuracy_vs_scale(curves, workdir / "accuracy_vs_lambda.png")
       )
     if learned["results"]:
-      paths.update(learned_lib.plot_learned(config, learned["results"], tasks, workdir))
+      paths.update(learned_table.plot_learned(config.learned, learned["results"], tasks, workdir))
   # Final figures, after the plots: wall time of the whole job and its peak memory.
   record["wall_time_s"] = round(time.time() - started, 3)
   record["peak_rss_mib"] = round(provenance.peak_rss_mib(), 1)
@@ -227,14 +176,14 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     "sign_conflicts": conflicts,
     "curves": curves,
     "selection": selection,
-    "learned": learned_lib.learned_summary(learned["results"]),
+    "learned": learned_table.learned_summary(learned["results"]),
     "plots": paths,
   }
   notes = evaluate.matrix_markdown(
     matrices[ref_mode], tasks, title=f"Test accuracy (%) of each {ref_mode} expert on every task:"
   )
   if learned["recipes"]:
-    notes = learned_lib.learned_notes(learned["recipes"], rows) + "\n\n" + notes
+    notes = learned_table.learned_notes(learned["recipes"], rows) + "\n\n" + notes
   md_path, json_path = evaluate.write_results(
     workdir, rows, tasks, record, extra=extra, notes_markdown=notes
   )
@@ -255,44 +204,6 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     "curves": curves,
     "paths": paths,
     "expert_matrix_test": matrices,
-  }
-
-
-def _run_rule(rule, base, experts, accuracy, val, test, expert_val, grid, extra):
-  """Selects `rule`'s hyper-parameters on validation; returns (best, val acc, test acc, trace)."""
-
-  def merged_accuracy(merged, split):
-    if not isinstance(merged, rules.TaskSpecificMerge):
-      return accuracy(merged, split)
-    # One model per task (EMR, TALL masks): task t is evaluated with its own model.
-    x, y = split
-    models = rules.task_models(merged, base, len(experts))
-    return np.array([accuracy(m, (x[t : t + 1], y[t : t + 1]))[0] for t, m in enumerate(models)])
-
-  def score(hp):
-    # The inputs are checked for NaN/Inf once, by the final merge below; the sweep skips the
-    # per-leaf device reductions (they dominate a sweep over a many-leaf ViT).
-    merged = rules.merge(rule, base, experts, check_finite=False, **hp, **extra)
-    return evaluate.normalized_accuracy(merged_accuracy(merged, val), expert_val)
-
-  best, _, trace = select_on_validation(score, grid)
-  merged = rules.merge(rule, base, experts, **best, **extra)
-  return best, merged_accuracy(merged, val), merged_accuracy(merged, test), trace
-
-
-def _scale_curve(trace, reference) -> dict[str, list[float]]:
-  """Best validation score at each λ (maximized over the other hyper-parameters)."""
-  by_scale: dict[float, np.ndarray] = {}
-  for hp, norm in trace:
-    s = float(hp["scale"])
-    if s not in by_scale or norm.mean() > by_scale[s].mean():
-      by_scale[s] = norm
-  scales = sorted(by_scale)
-  ref = np.asarray(reference)
-  return {
-    "scale": scales,
-    "norm": [float(by_scale[s].mean()) for s in scales],
-    "avg": [float((by_scale[s] * ref).mean()) for s in scales],
   }
 
 

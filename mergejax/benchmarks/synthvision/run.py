@@ -1,286 +1,197 @@
-"""The synthvision zoo and its regime checks: build or load the zoo, measure the regime, take a
-sanity look at a few merges, write regime.json / regime.md.
+"""The main job: the synthvision benchmark over seeds, with its regime checks first.
 
-One story in phases: (1) zoo (data pool, pre-trained backbone, heads, experts, multi-task model;
-each cached), (2) reference accuracies (zero-shot, experts, multi-task) and entropies, (3) the
-regime statistics of `mergejax.benchmarks.common.regime` next to their targets, (4) task
-arithmetic / TIES / DARE at a few λ on validation via `rules.merge` — a sanity look only: the
-design is tuned against the regime targets, never against merge scores.
+One story in phases, per seed (the pre-trained backbone and the heads are shared by every seed,
+like a released CLIP checkpoint; the experts and the multi-task model are the seed's):
+
+1. zoo: data pool, pre-trained backbone, heads, experts per fine-tuning mode, multi-task model
+   (each cached under `config.cache_dir`);
+2. references: zero-shot, experts and multi-task accuracy and entropy;
+3. regime: every statistic of `mergejax.benchmarks.common.regime` for the experts of
+   `config.regime.mode`, next to its target;
+4. data-free rules: hyper-parameters selected on validation (`common.merge_table`), test reported;
+5. learned merging: every recipe of configs/learned/ (`common.learned_table`);
+
+then the seeds are aggregated (mean ± std) and `results.json` / `results.md` are written with the
+regime first, the table, the literature's orderings checked against it, and the plots.
+
+Selection never looks at test: every grid point is scored on validation only. Recipes that
+adapt on unlabeled test inputs (AdaMerging, DV-BASI unsupervised) are marked transductive (†).
 """
 
-import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
+import tqdm
+from absl import logging
 
-from mergejax import provenance, rules, sparsify
+from mergejax import provenance, rules
 from mergejax import task_vectors as tv_lib
+from mergejax import tree as tree_lib
+from mergejax.benchmarks.common import evaluate, learned_table, merge_table, plots
 from mergejax.benchmarks.common import regime as regime_lib
-from mergejax.benchmarks.common import regime_plots
+from mergejax.benchmarks.synthvision import learned as learned_lib
+from mergejax.benchmarks.synthvision import regime as sv_regime
+from mergejax.benchmarks.synthvision import report
 from mergejax.benchmarks.synthvision import zoo as zoo_lib
 
-
-def reference_accuracies(zoo: zoo_lib.Zoo, mode: str) -> dict[str, Any]:
-  """Accuracies and entropies of θ0, the experts and the multi-task model.
-
-  Returns:
-    {"zero_shot": {split: acc [T]}, "zero_shot_entropy": {split: [T]},
-     "multitask": {split: [T]}, "multitask_entropy": {split: [T]}, "experts": {split: [T]}
-     (each expert on its own task), "expert_matrix" / "expert_entropy": {"val": [T, T]}
-     (expert i on task j; validation only, for the entropy-accuracy points)}.
-  """
-  keys = ("zero_shot", "zero_shot_entropy", "multitask", "multitask_entropy", "experts")
-  out: dict[str, Any] = {k: {} for k in (*keys, "expert_matrix", "expert_entropy")}
-  for split in ("val", "test"):
-    out["zero_shot"][split], out["zero_shot_entropy"][split] = zoo.evaluate(zoo.base, split)
-    out["multitask"][split], out["multitask_entropy"][split] = zoo.evaluate(zoo.multitask, split)
-  rows = [zoo.evaluate(e, "val", mode) for e in zoo.experts[mode]]
-  out["expert_matrix"]["val"] = np.stack([r[0] for r in rows])
-  out["expert_entropy"]["val"] = np.stack([r[1] for r in rows])
-  out["experts"]["val"] = np.diag(out["expert_matrix"]["val"])
-  out["experts"]["test"] = np.array(
-    [own_accuracy(zoo, e, t, "test", mode) for t, e in enumerate(zoo.experts[mode])]
-  )
-  return out
+_row = evaluate.result_row
 
 
-def own_accuracy(zoo: zoo_lib.Zoo, backbone, task: int, split: str, mode: str) -> float:
-  """Accuracy of `backbone` on one task's split (one compilation serves every task)."""
-  labels = getattr(zoo.data[zoo.tasks[task]], split).y
-  return float(np.mean(zoo.predict_task(backbone, task, split, mode) == labels))
-
-
-def measure_regime(
-  zoo: zoo_lib.Zoo, config: ml_collections.ConfigDict, refs: dict[str, Any]
-) -> dict[str, Any]:
-  """Computes every regime statistic for the experts of `config.regime.mode`.
+def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
+  """Phases 1-5 for one seed.
 
   Args:
-    zoo: the zoo.
-    config: configs/synthvision.py's config.
-    refs: `reference_accuracies(zoo, mode)`.
+    config: configs/benchmark.py's config.
+    seed: the seed of the experts, the multi-task model and the learned methods.
 
   Returns:
-    {"values": {statistic: value}, "details": {per-task and per-pair numbers}}.
+    {"seed", "rows", "regime": {"values", "details"}, "references", "zoo", "curves", "cosine",
+     "sign_conflicts", "selection", "learned", "expert_matrix_val", "seconds"}.
   """
-  rc, mode = config.regime, config.regime.mode
-  base, experts = zoo.base, zoo.experts[mode]
-  vectors = tv_lib.task_vectors(base, experts)
-  zs_val, ex_val = refs["zero_shot"]["val"], refs["experts"]["val"]
+  seconds = {}
+  start = time.time()
+  zoo = zoo_lib.load_or_build(config, seed)
+  seconds["zoo"] = time.time() - start
+  logging.info("Seed %d: zoo %s %s.", seed, zoo.key, "loaded" if zoo.cache_hit else "built")
+  modes = tuple(config.zoo.modes)
 
-  # Each expert's own task vector, trimmed (TIES, whole-model top-k) or DARE-dropped, on its task.
-  trimmed = [sparsify.trim_top_fraction([v], rc.trim_density)[0] for v in vectors]
-  key = jax.random.key(config.seed)
-  dropped = [
-    sparsify.random_drop([v], jax.random.fold_in(key, t), rc.dare_density)[0]
-    for t, v in enumerate(vectors)
+  # 2. References per mode (zero-shot and multi-task are the same in every mode).
+  start = time.time()
+  refs = {mode: sv_regime.reference_accuracies(zoo, mode) for mode in modes}
+  ref0 = refs[modes[0]]
+  expert_test = {m: np.asarray(refs[m]["experts"]["test"]) for m in modes}
+  expert_val = {m: np.asarray(refs[m]["experts"]["val"]) for m in modes}
+  rows = [
+    _row("pre-trained (zero-shot)", "-", {}, ref0["zero_shot"]["test"], expert_test[modes[0]]),
+    _row("multi-task (joint training)", "-", {}, ref0["multitask"]["test"], expert_test[modes[0]]),
   ]
-  trim_acc = [
-    own_accuracy(zoo, tv_lib.apply(base, v), t, "val", mode) for t, v in enumerate(trimmed)
-  ]
-  dare_acc = [
-    own_accuracy(zoo, tv_lib.apply(base, v), t, "val", mode) for t, v in enumerate(dropped)
-  ]
-  trim_gain = regime_lib.gain_retained(trim_acc, zs_val, ex_val)
-  dare_gain = regime_lib.gain_retained(dare_acc, zs_val, ex_val)
+  seconds["references"] = time.time() - start
 
-  # Entropy against accuracy over (model, task) points: θ0, every expert on every task, multi-task.
-  ent = np.concatenate(
-    [
-      refs["zero_shot_entropy"]["val"],
-      refs["expert_entropy"]["val"].ravel(),
-      refs["multitask_entropy"]["val"],
-    ]
-  )
-  acc = np.concatenate([zs_val, refs["expert_matrix"]["val"].ravel(), refs["multitask"]["val"]])
-  conflicts = regime_lib.sign_conflicts(trimmed)
+  # 3. Regime checks.
+  start = time.time()
+  measured = sv_regime.measure_regime(zoo, config, refs[config.regime.mode])
+  seconds["regime"] = time.time() - start
 
-  # Disentanglement error of task pairs on the α grid (validation inputs).
-  predict = lambda params, t: zoo.predict_task(params, t, "val", mode)  # noqa: E731
-  pairs = list(itertools.combinations(range(len(zoo.tasks)), 2))[: rc.max_pairs]
-  coeffs = tuple(rc.disentanglement_coeffs)
-  pair_errors = {}
-  for i, j in pairs:
-    xi = regime_lib.disentanglement_map(predict, base, (vectors[i], vectors[j]), (i, j), coeffs)
-    pair_errors[f"{zoo.tasks[i]}+{zoo.tasks[j]}"] = float(xi.mean())
-  i, j = pairs[0]
-  map_coeffs = tuple(rc.map_coeffs)
-  pair_map = regime_lib.disentanglement_map(
-    predict, base, (vectors[i], vectors[j]), (i, j), map_coeffs
-  )
+  # 4-5. Per mode: experts, data-free rules, learned methods.
+  curves, cosines, conflicts, selection = {}, {}, {}, {}
+  learned_results, recipes = {}, {}
+  start = time.time()
+  for mode in modes:
+    experts = zoo.experts[mode]
+    rows.append(
+      _row("fine-tuned (individual)", mode, {}, expert_test[mode], expert_test[mode])
+      | {"val": [float(a) for a in expert_val[mode]]}
+    )
+    vectors = tv_lib.task_vectors(zoo.base, experts)
+    cosines[mode] = plots.cosine_matrix(vectors).tolist()
+    conflicts[mode] = plots.sign_conflict_rates(vectors)
 
-  values = {
-    "zero_shot_normalized": regime_lib.zero_shot_normalized(
-      refs["zero_shot"]["test"], refs["experts"]["test"]
-    ),
-    "experts_accuracy": float(np.mean(refs["experts"]["test"])),
-    "task_vector_relative_norm": regime_lib.task_vector_relative_norm(base, vectors),
-    "mean_abs_pairwise_cosine": regime_lib.mean_abs_pairwise_cosine(vectors),
-    "trim20_gain_retained": float(np.mean(trim_gain)),
-    "dare90_gain_retained": float(np.mean(dare_gain)),
-    "entropy_accuracy_spearman": regime_lib.spearman(ent, acc),
-    "sign_conflicts_after_trim": conflicts["rate"],
-    "sign_conflicts_random_baseline": conflicts["random_baseline"],
-    "disentanglement_error": float(np.mean(list(pair_errors.values()))),
+    def accuracy(backbone, split, mode=mode):
+      return zoo.evaluate(backbone, split, mode)[0]
+
+    for rule in tqdm.tqdm(config.rules, desc=f"merging ({mode}, seed {seed})", leave=False):
+      rule_start = time.time()
+      grid = config.grids.get(rule)
+      grid = grid.to_dict() if grid is not None else None
+      extra = rules.add_key(rule, {}, seed)
+      best, val_acc, test_acc, trace = merge_table.run_rule(
+        rule, zoo.base, experts, accuracy, expert_val[mode], grid, extra
+      )
+      if grid and "scale" in grid:
+        curves[f"{rule} ({mode})"] = merge_table.scale_curve(trace, expert_val[mode])
+      label = merge_table.RULE_LABELS.get(rule, rule)
+      rows.append(_row(label, mode, best, test_acc, expert_test[mode], val_acc))
+      selection[f"{rule} ({mode})"] = {
+        "grid_points": len(trace),
+        "seconds": round(time.time() - rule_start, 2),
+      }
+    if config.learned.enabled and mode in (config.learned.modes or modes):
+      mode_rows, info = learned_table.learned_rows(
+        config.learned,
+        learned_lib.problem(zoo, mode, expert_val[mode]),
+        accuracy,
+        expert_val[mode],
+        expert_test[mode],
+        mode=mode,
+        seed=seed,
+      )
+      rows.extend(mode_rows)
+      selection.update(info["timing"])
+      learned_results[mode] = info["results"]
+      recipes.update(info["recipes"])
+  seconds["merges"] = time.time() - start
+  references = {
+    mode: {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in r.items()}
+    for mode, r in refs.items()
   }
-  details = {
-    "mode": mode,
-    "trim20_gain_per_task": trim_gain.tolist(),
-    "dare90_gain_per_task": dare_gain.tolist(),
-    "trim20_val_accuracy": [float(a) for a in trim_acc],
-    "dare90_val_accuracy": [float(a) for a in dare_acc],
-    "relative_norms_expert0": regime_lib.relative_norms(base, vectors[0]),
-    "sign_conflicts_overlap_fraction": conflicts["overlap_fraction"],
-    "disentanglement_coeffs": list(coeffs),
-    "disentanglement_per_pair": pair_errors,
-    "disentanglement_map": {
-      "pair": [zoo.tasks[i], zoo.tasks[j]],
-      "coeffs": list(map_coeffs),
-      "xi": pair_map.tolist(),
+  return {
+    "seed": seed,
+    "rows": rows,
+    "regime": measured,
+    "references": references,
+    "zoo": {
+      "key": zoo.key,
+      "cache_hit": zoo.cache_hit,
+      "build": zoo.meta,
+      "num_backbone_params": tree_lib.num_params(zoo.base),
     },
-    "entropy_accuracy_points": {"entropy": ent.tolist(), "accuracy": acc.tolist()},
+    "curves": curves,
+    "cosine": cosines,
+    "sign_conflicts": conflicts,
+    "selection": selection,
+    "learned_results": learned_results,
+    "learned": learned_table.learned_summary(learned_results),
+    "recipes": recipes,
+    "seconds": {k: round(v, 2) for k, v in seconds.items()},
   }
-  return {"values": values, "details": details}
 
 
-def sanity_merges(
-  zoo: zoo_lib.Zoo, config: ml_collections.ConfigDict, refs: dict[str, Any]
-) -> dict[str, Any]:
-  """Task arithmetic, TIES and DARE (+ task arithmetic) at a few λ: mean normalized val accuracy.
-
-  A sanity look, not a benchmark table: nothing is selected or tuned on these numbers.
-  """
-  mode = config.regime.mode
-  base, experts = zoo.base, zoo.experts[mode]
-  ex_val = refs["experts"]["val"]
-  key = jax.random.key(config.seed)
-  runs = {
-    "task_arithmetic": ({}, config.sanity.task_arithmetic),
-    "ties": ({}, config.sanity.ties),
-    "dare": ({"key": key}, config.sanity.dare),
-  }
-  out = {}
-  for rule, (extra, scales) in runs.items():
-    if not scales:
-      continue
-    out[rule] = {}
-    for scale in scales:
-      merged = rules.merge(rule, base, experts, scale=float(scale), **extra)
-      acc, _ = zoo.evaluate(merged, "val", mode)
-      out[rule][f"{scale:g}"] = float(np.mean(acc / ex_val))
-  return out
-
-
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-  """Builds or loads the zoo, measures the regime and the sanity merges, writes the results.
+def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Runs the benchmark over `config.seeds` and writes results.json, results.md and the plots.
 
   Args:
-    config: configs/synthvision.py's config.
-    workdir: output directory for regime.json and regime.md.
+    config: configs/benchmark.py's config.
+    workdir: output directory.
 
   Returns:
-    {"regime", "details", "references", "sanity", "zoo", "provenance"}.
+    The results payload (as written to results.json) plus "markdown".
   """
   started = time.time()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  per_seed = [run_seed(config, seed) for seed in config.seeds]
+  first = per_seed[0]
+  tasks = list(config.data.tasks)
 
-  # 1. Zoo.
-  zoo = zoo_lib.load_or_build(config)
-  zoo_seconds = time.time() - started
-
-  # 2-3. References and regime statistics.
-  mode = config.regime.mode
-  refs = reference_accuracies(zoo, mode)
-  start = time.time()
-  measured = measure_regime(zoo, config, refs)
-  regime_seconds = time.time() - start
-  regime = regime_lib.regime_object(measured["values"])
-
-  # 4. Sanity look at a few merges.
-  start = time.time()
-  sanity = sanity_merges(zoo, config, refs)
-  sanity_seconds = time.time() - start
+  # Aggregate the seeds: the regime (mean, per seed) and every row (mean ± std).
+  regime = regime_lib.regime_object(
+    {k: float(np.mean([s["regime"]["values"][k] for s in per_seed])) for k in regime_lib.TARGETS}
+  )
+  for name, entry in regime.items():
+    entry["per_seed"] = [s["regime"]["values"][name] for s in per_seed]
+  rows = report.aggregate_rows([s["rows"] for s in per_seed], [s["seed"] for s in per_seed])
 
   paths = {}
   if config.plots:
-    m = measured["details"]["disentanglement_map"]
-    paths["disentanglement_map"] = str(
-      regime_plots.plot_disentanglement_map(
-        m["xi"], m["coeffs"], m["pair"], workdir / "disentanglement_map.png"
-      )
-    )
-  record = provenance.record(config, seed=config.seed, started=started)
-  zoo_info = {
-    "key": zoo.key,
-    "cache_hit": zoo.cache_hit,
-    "seconds": round(zoo_seconds, 2),
-    "build": zoo.meta,
-    "num_backbone_params": int(sum(np.size(x) for x in jax.tree.leaves(zoo.base))),
-    "tasks": list(zoo.tasks),
-  }
-  references = {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in refs.items()}
-  result = {
+    paths = report.plot_all(config, first, workdir)
+  record = provenance.record(config, seed=list(config.seeds), started=started)
+  record["wall_time_s"] = round(time.time() - started, 3)
+  record["peak_rss_mib"] = round(provenance.peak_rss_mib(), 1)
+  payload = {
     "regime": regime,
-    "details": measured["details"],
-    "references": references,
-    "sanity": sanity,
-    "zoo": zoo_info,
-    "seconds": {
-      "zoo": round(zoo_seconds, 2),
-      "regime": round(regime_seconds, 2),
-      "sanity": round(sanity_seconds, 2),
-    },
+    "tasks": tasks,
+    "rows": rows,
+    "orderings": report.literature_orderings(rows),
+    "seeds": [
+      {k: v for k, v in s.items() if k not in ("learned_results", "recipes")} for s in per_seed
+    ],
+    "recipes": first["recipes"],
     "plots": paths,
     "provenance": record,
   }
-  (workdir / "regime.json").write_text(json.dumps(result, indent=2, default=_to_json))
-  markdown = report_markdown(result)
-  (workdir / "regime.md").write_text(markdown)
+  markdown = report.write(workdir, payload)
   print(markdown)
-  return result
-
-
-def report_markdown(result: dict[str, Any]) -> str:
-  """The regime table first, then per-task references and the sanity merges."""
-  refs, tasks = result["references"], result["zoo"]["tasks"]
-  pct = lambda xs: " | ".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
-  lines = [
-    "# synthvision: regime checks",
-    "",
-    regime_lib.regime_markdown(result["regime"]),
-    "",
-    "Test accuracy (%) per task:",
-    "",
-    "| model | " + " | ".join(tasks) + " |",
-    "|---|" + "---|" * len(tasks),
-    f"| zero-shot | {pct(refs['zero_shot']['test'])} |",
-    f"| experts | {pct(refs['experts']['test'])} |",
-    f"| multi-task | {pct(refs['multitask']['test'])} |",
-    "",
-    "Sanity look (not tuned on, not a benchmark): mean normalized validation accuracy (%):",
-    "",
-  ]
-  for rule, by_scale in result["sanity"].items():
-    lines.append(f"- {rule}: " + ", ".join(f"λ={s}: {100 * v:.1f}" for s, v in by_scale.items()))
-  zoo = result["zoo"]
-  lines += [
-    "",
-    f"zoo {zoo['key']} ({'cache hit' if zoo['cache_hit'] else 'built'}), "
-    f"{zoo['num_backbone_params']} backbone parameters; seconds: {result['seconds']}",
-    "",
-  ]
-  return "\n".join(lines)
-
-
-def _to_json(x: Any) -> Any:
-  if isinstance(x, np.ndarray | jax.Array):
-    return np.asarray(x).tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  return str(x)
+  return payload | {"markdown": markdown}

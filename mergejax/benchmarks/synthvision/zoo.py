@@ -9,14 +9,19 @@ Phases of `build_zoo`:
    rate, weight decay towards θ0 by default);
 4. train the multi-task reference from θ0 on all tasks, each through its own frozen head.
 
+Seeds: the pre-trained backbone is one fixed model, like a released CLIP checkpoint: its seed is
+`config.zoo.pretrain.seed`. A run's seed (`load_or_build(config, seed)`) is the seed of everything
+after it: the experts' and the multi-task model's batch order; the benchmark repeats over seeds
+on one pre-trained backbone and one set of heads.
+
 Three cache entries under `config.cache_dir` (`zoo_keys`): the data pool (`data.load_or_make_pool`,
 keyed by the data config and the generators' version), the pre-trained backbone (keyed by pool,
-model, pre-training recipe, seed) and the rest (keyed by everything), so a new fine-tuning recipe
-reuses the pre-trained backbone.
+model, pre-training recipe and its seed) and the rest (keyed by everything and the run's seed), so
+a new fine-tuning recipe or seed reuses the pre-trained backbone.
 
 What a runner needs:
 
-    zoo = load_or_build(config)                  # config: configs/synthvision.py
+    zoo = load_or_build(config, seed)            # config: configs/benchmark.py
     base, experts = zoo.base, zoo.experts[mode]  # backbones: what gets merged
     apply_fn = zoo.apply_fn(mode)                # logits = apply_fn(backbone, x, task_index)
     splits = zoo.learned_splits()                # {"train" | "validation" | "test": per task}
@@ -40,6 +45,7 @@ from mergejax import finetune
 from mergejax.benchmarks.common import zoo_cache
 from mergejax.benchmarks.common.data import TaskData
 from mergejax.benchmarks.synthvision import data as data_lib
+from mergejax.benchmarks.synthvision import heads as heads_lib
 from mergejax.benchmarks.synthvision import pretraining, training
 from mergejax.benchmarks.synthvision import tasks as tasks_lib
 from mergejax.models import prototype
@@ -79,51 +85,11 @@ def _train_config(section: ml_collections.ConfigDict, **overrides: Any) -> finet
   return finetune.TrainConfig(**{**d, **overrides})
 
 
-def shots(split, num_classes: int, per_class: int) -> np.ndarray:
-  """Indices of the first `per_class` examples of each class in `split` (its order is random)."""
-  idx = [np.flatnonzero(split.y == c)[:per_class] for c in range(num_classes)]
-  return np.concatenate(idx)
-
-
-def build_heads(
-  model: prototype.PrototypeClassifier,
-  backbone: Params,
-  data: dict[str, TaskData],
-  head_config: ml_collections.ConfigDict,
-) -> dict[str, Params]:
-  """One frozen cosine-prototype head per task from the features of a few training shots.
-
-  Args:
-    model: the classifier (its backbone computes the features).
-    backbone: the pre-trained backbone params.
-    data: {task: TaskData} with float inputs.
-    head_config: `shots` per class, `temperature`, `center`.
-
-  Returns:
-    {task: head params}, all padded to `model.num_classes` rows.
-  """
-  heads = {}
-  features = jax.jit(lambda b, x: model.backbone.apply({"params": b}, x))
-  for name, task in data.items():
-    k = tasks_lib.TASKS[name].num_classes
-    idx = shots(task.train, k, head_config.shots)
-    feats = features(backbone, jnp.asarray(task.train.x[idx]))
-    heads[name] = prototype.prototype_head(
-      feats,
-      task.train.y[idx],
-      num_classes=k,
-      pad_to=model.num_classes,
-      temperature=head_config.temperature,
-      center=head_config.center,
-    )
-  return heads
-
-
 def pretrain_backbone(config: ml_collections.ConfigDict, pool: data_lib.Pool, *, progress=True):
   """Phase 1: pre-trains the backbone on the multi-attribute mixture; its heads are discarded.
 
   Args:
-    config: configs/synthvision.py's config.
+    config: configs/benchmark.py's config.
     pool: the data pool.
     progress: show a progress bar.
 
@@ -139,7 +105,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, pool: data_lib.Pool, *,
     pretraining.ATTRIBUTES,
     _train_config(config.zoo.pretrain),
     label_smoothing=config.zoo.pretrain.label_smoothing,
-    seed=config.seed,
+    seed=config.zoo.pretrain.seed,
     desc="pre-train" if progress else None,
   )
   record = {
@@ -150,28 +116,34 @@ def pretrain_backbone(config: ml_collections.ConfigDict, pool: data_lib.Pool, *,
 
 
 def build_zoo(
-  config: ml_collections.ConfigDict, pool: data_lib.Pool, base: Params, *, progress: bool = True
+  config: ml_collections.ConfigDict,
+  pool: data_lib.Pool,
+  base: Params,
+  seed: int,
+  *,
+  progress: bool = True,
 ):
   """Phases 2-4 from the pre-trained backbone: heads, experts per mode, multi-task reference.
 
   Args:
-    config: configs/synthvision.py's config.
+    config: configs/benchmark.py's config.
     pool: the data pool.
     base: the pre-trained backbone θ0 (`pretrain_backbone`).
+    seed: the seed of the experts' and the multi-task model's batch order.
     progress: show progress bars.
 
   Returns:
     (tree {"heads": {task: head}, "experts": {mode: {task: backbone}}, "multitask": backbone},
      record {"phase_seconds": ...}).
   """
-  zc, seed = config.zoo, config.seed
+  zc = config.zoo
   model = build_model(config)
   data = data_lib.float_tasks(pool, config.data.tasks)
   seconds = {}
 
   # 2. Zero-shot heads from a few shots per class.
   start = time.time()
-  heads = build_heads(model, base, data, zc.heads)
+  heads = heads_lib.build_heads(model, base, data, zc.heads)
   seconds["heads"] = time.time() - start
 
   # 3. Experts: head frozen, from θ0, one per (mode, task).
@@ -215,6 +187,7 @@ class Zoo:
 
   Attributes:
     key: cache key of the zoo.
+    seed: the seed of the experts and the multi-task model.
     tasks: task names, the order of every per-task list.
     model: the classifier module (params {"backbone", "head"}).
     base: pre-trained backbone θ0.
@@ -227,6 +200,7 @@ class Zoo:
   """
 
   key: str
+  seed: int
   tasks: tuple[str, ...]
   model: prototype.PrototypeClassifier
   base: Params
@@ -326,11 +300,12 @@ class Zoo:
     return self._fns["stacked_heads"]
 
 
-def zoo_keys(config: ml_collections.ConfigDict) -> tuple[str, str]:
+def zoo_keys(config: ml_collections.ConfigDict, seed: int) -> tuple[str, str]:
   """Cache keys of the pre-trained backbone and of the rest of the zoo.
 
-  The first hashes what determines pre-training (data, model, pre-training recipe, seed), so
-  changing the fine-tuning recipe reuses the pre-trained backbone; the second hashes everything.
+  The first hashes what determines pre-training (data, model, pre-training recipe and its seed),
+  so changing the fine-tuning recipe or the run's seed reuses the pre-trained backbone; the
+  second hashes everything and `seed`.
   """
   zoo = config.zoo.to_dict()
   # The pool's key covers the data config and the generators' version.
@@ -339,18 +314,19 @@ def zoo_keys(config: ml_collections.ConfigDict) -> tuple[str, str]:
   pre["pretrain"] = zoo["pretrain"]
   full = {"pool": pool, "zoo": zoo}
   return (
-    zoo_cache.config_key(pre, config.seed, prefix="synthvision-pretrained-"),
-    zoo_cache.config_key(full, config.seed, prefix="synthvision-zoo-"),
+    zoo_cache.config_key(pre, zoo["pretrain"]["seed"], prefix="synthvision-pretrained-"),
+    zoo_cache.config_key(full, seed, prefix="synthvision-zoo-"),
   )
 
 
-def load_or_build(config: ml_collections.ConfigDict, *, progress: bool = True) -> Zoo:
-  """Loads the zoo of `config` from `config.cache_dir`, or builds and caches what is missing.
+def load_or_build(config: ml_collections.ConfigDict, seed: int, *, progress: bool = True) -> Zoo:
+  """Loads the zoo of `config` and `seed` from `config.cache_dir`, or builds what is missing.
 
   Three cache entries: the data pool, the pre-trained backbone, the rest of the zoo.
 
   Args:
-    config: configs/synthvision.py's config.
+    config: configs/benchmark.py's config.
+    seed: the seed of the experts and the multi-task model (not of pre-training).
     progress: show progress bars while building.
 
   Returns:
@@ -359,12 +335,12 @@ def load_or_build(config: ml_collections.ConfigDict, *, progress: bool = True) -
   start = time.time()
   pool, pool_hit = data_lib.load_or_make_pool(data_config(config), config.cache_dir)
   pool_seconds = time.time() - start
-  pre_key, key = zoo_keys(config)
+  pre_key, key = zoo_keys(config, seed)
   base, pre_meta, pre_hit = zoo_cache.load_or_build(
     config.cache_dir, pre_key, lambda: pretrain_backbone(config, pool, progress=progress)
   )
   tree, meta, hit = zoo_cache.load_or_build(
-    config.cache_dir, key, lambda: build_zoo(config, pool, base, progress=progress)
+    config.cache_dir, key, lambda: build_zoo(config, pool, base, seed, progress=progress)
   )
   meta = {
     **meta,
@@ -376,6 +352,7 @@ def load_or_build(config: ml_collections.ConfigDict, *, progress: bool = True) -
   tasks = tuple(config.data.tasks)
   return Zoo(
     key=key,
+    seed=seed,
     tasks=tasks,
     model=build_model(config),
     base=base,

@@ -1,18 +1,19 @@
-"""Smoke run of the benchmark: all rows, results files, plots, selection on validation only."""
+"""Smoke run of the digits stress test: all rows, results files, plots, selection on validation
+only; the shared table helpers (selection, seeds summary)."""
 
 import json
 
 import jax.numpy as jnp
 import numpy as np
 
-from configs import benchmark as benchmark_config
+from configs import digits as digits_config
 from configs import learned as learned_configs
-from mergejax.benchmarks.common import plots
+from mergejax.benchmarks.common import learned_table, merge_table, plots
 from mergejax.benchmarks.digits import run as benchmark
 
 
 def test_smoke_run(tmp_path):
-  config = benchmark_config.get_config("smoke")
+  config = digits_config.get_config("smoke")
   config.cache_dir = str(tmp_path / "cache")
   out = benchmark.run_benchmark(config, tmp_path / "work")
   rows, tasks = out["rows"], out["tasks"]
@@ -21,7 +22,7 @@ def test_smoke_run(tmp_path):
   assert len(rows) == 2 + len(modes) * (1 + len(rules) + len(learned))
   methods = {r["method"] for r in rows}
   assert {"pre-trained", "multi-task (joint training)", "fine-tuned (individual)"} <= methods
-  assert {benchmark.RULE_LABELS[r] for r in rules} <= methods
+  assert {merge_table.RULE_LABELS[r] for r in rules} <= methods
   for r in rows:
     assert len(r["test"]) == len(tasks)
     assert all(0.0 <= a <= 1.0 for a in r["test"])
@@ -35,13 +36,13 @@ def test_smoke_run(tmp_path):
     expected = name in transductive
     assert (config.learned.methods[name].adapt_split == "test") == expected, name
     if expected:
-      label += benchmark.TRANSDUCTIVE_MARK
+      label += learned_table.TRANSDUCTIVE_MARK
     matching = [r for r in rows if r["method"] == label]
     assert len(matching) == len(modes), label
     assert all(r["transductive"] is expected for r in matching), label
     assert all(np.isfinite(r["val"]).all() for r in matching), label
   assert sum(r["transductive"] for r in rows) == len(transductive) * len(modes)
-  assert benchmark.TRANSDUCTIVE_FOOTNOTE in (tmp_path / "work" / "results.md").read_text()
+  assert learned_table.TRANSDUCTIVE_FOOTNOTE in (tmp_path / "work" / "results.md").read_text()
   individual = [r for r in rows if r["method"] == "fine-tuned (individual)"]
   assert all(np.isclose(r["norm"], 1.0) for r in individual)
   # Selected λ comes from the config's grid.
@@ -99,15 +100,15 @@ def test_selection_uses_only_the_score_and_prefers_the_first_tie():
     calls.append(dict(hp))
     return np.array([1.0 - abs(hp["scale"] - 0.4), 0.5 if hp["density"] == 0.2 else 0.4])
 
-  best, best_score, trace = benchmark.select_on_validation(
+  best, best_score, trace = merge_table.select_on_validation(
     score, {"density": (0.1, 0.2), "scale": (0.2, 0.4, 0.6)}
   )
   assert best == {"density": 0.2, "scale": 0.4}
   assert np.isclose(best_score, 0.75)
   assert len(trace) == len(calls) == 6
-  tie, _, _ = benchmark.select_on_validation(lambda hp: np.ones(2), {"scale": (0.1, 0.2)})
+  tie, _, _ = merge_table.select_on_validation(lambda hp: np.ones(2), {"scale": (0.1, 0.2)})
   assert tie == {"scale": 0.1}
-  assert benchmark.select_on_validation(lambda hp: np.ones(1), None)[0] == {}
+  assert merge_table.select_on_validation(lambda hp: np.ones(1), None)[0] == {}
 
 
 def test_task_vector_statistics():
@@ -129,4 +130,4 @@ def test_seeds_markdown_reports_mean_and_std():
 
   text = benchmark.seeds_markdown([payload(0, 0.5), payload(1, 0.7)])
   assert "| m † | standard | 30.0 ± 5.0 | 60.0 ± 10.0 | 2 |" in text
-  assert benchmark.TRANSDUCTIVE_FOOTNOTE in text
+  assert learned_table.TRANSDUCTIVE_FOOTNOTE in text

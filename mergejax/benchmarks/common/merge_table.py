@@ -1,0 +1,150 @@
+"""Data-free rules in a benchmark table: hyper-parameters selected on validation, test reported.
+
+Every benchmark (digits, synthvision) runs its rules through `run_rule`: each point of a rule's
+grid is merged with `rules.merge` and scored by mean normalized *validation* accuracy; the best
+point (ties: the earliest, and grids list λ in increasing order) is merged once more, with the
+inputs' NaN/Inf check, and evaluated on validation and test. Rules that return one model per task
+(`rules.TaskSpecificMerge`: EMR, TALL masks, TSV-C) are scored task by task, each task with its
+own model, as they are used (the task id is known at inference).
+"""
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mergejax import rules
+from mergejax.benchmarks.common import evaluate
+from mergejax.tree import Params
+
+# Row names in the printed tables.
+RULE_LABELS = {
+  "weight_average": "weight averaging",
+  "task_arithmetic": "task arithmetic",
+  "ties": "TIES",
+  "dare": "DARE (task arithmetic)",
+  "dare_ties": "DARE-TIES",
+  "breadcrumbs": "Breadcrumbs",
+  "della": "DELLA",
+  "consensus": "Consensus (TA)",
+  "tall_masks": "TALL masks (task id)",
+  "emr": "EMR (task id)",
+  "model_stock": "Model Stock",
+  "magmax": "MagMax",
+  "tsv_m": "TSV-M",
+  "iso_c": "ISO-C",
+  "iso_cts": "ISO-CTS",
+  "tsv_c": "TSV-C (task id)",
+  "fisher": "Fisher merging",
+  "regmean": "RegMean",
+  "regmean_plusplus": "RegMean++",
+}
+
+# accuracy(backbone, split) -> per-task accuracies [T] on that split ("val" or "test").
+AccuracyFn = Callable[[Params, str], np.ndarray]
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
+  """Every combination of a grid {name: candidates}, in product order ([{}] for no grid)."""
+  if not grid:
+    return [{}]
+  names = list(grid)
+  return [dict(zip(names, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def select_on_validation(
+  score_fn: Callable[[dict[str, Any]], Sequence[float]],
+  grid: Mapping[str, Sequence[Any]] | None,
+) -> tuple[dict[str, Any], float, list[tuple[dict[str, Any], np.ndarray]]]:
+  """Evaluates `score_fn(hparams) -> per-task normalized val accuracy` over a grid; keeps the best.
+
+  Ties go to the earliest grid point (grids list λ in increasing order).
+
+  Args:
+    score_fn: maps a hyper-parameter dict to per-task normalized validation accuracies.
+    grid: {name: candidate values}; None or {} means a single, empty point.
+
+  Returns:
+    (best hparams, best mean score, [(hparams, per-task scores)] for every point).
+  """
+  trace = []
+  best, best_score = None, -np.inf
+  for point in grid_points(grid):
+    scores = np.asarray(score_fn(point))
+    trace.append((point, scores))
+    if scores.mean() > best_score:
+      best, best_score = point, float(scores.mean())
+  return best, best_score, trace
+
+
+def merged_accuracy(merged: Any, base: Params, num_tasks: int, accuracy: AccuracyFn, split: str):
+  """Per-task accuracy of a merge; a `TaskSpecificMerge` scores task t with its model t."""
+  if not isinstance(merged, rules.TaskSpecificMerge):
+    return np.asarray(accuracy(merged, split))
+  models = rules.task_models(merged, base, num_tasks)
+  return np.array([np.asarray(accuracy(m, split))[t] for t, m in enumerate(models)])
+
+
+def run_rule(
+  rule: str,
+  base: Params,
+  experts: Sequence[Params],
+  accuracy: AccuracyFn,
+  expert_val: Sequence[float],
+  grid: Mapping[str, Sequence[Any]] | None,
+  extra: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray, list[tuple[dict[str, Any], np.ndarray]]]:
+  """Selects `rule`'s hyper-parameters on validation, then evaluates the chosen merge.
+
+  Args:
+    rule: a key of `rules.REGISTRY`.
+    base: θ0.
+    experts: the experts, one per task.
+    accuracy: `accuracy(backbone, split) -> [T]`.
+    expert_val: the experts' own validation accuracies (normalized accuracy's reference).
+    grid: {hyper-parameter: candidates}; None: the rule's defaults.
+    extra: fixed arguments of every merge (a random rule's `key`, data statistics, ...).
+
+  Returns:
+    (best hparams, val accuracies [T], test accuracies [T], [(hparams, normalized val [T])]).
+  """
+  extra = dict(extra or {})
+  num_tasks = len(experts)
+
+  def score(hp):
+    # The inputs are checked for NaN/Inf once, by the final merge below; the sweep skips the
+    # per-leaf device reductions.
+    merged = rules.merge(rule, base, experts, check_finite=False, **hp, **extra)
+    val = merged_accuracy(merged, base, num_tasks, accuracy, "val")
+    return evaluate.normalized_accuracy(val, expert_val)
+
+  best, _, trace = select_on_validation(score, grid)
+  merged = rules.merge(rule, base, experts, **best, **extra)
+  val = merged_accuracy(merged, base, num_tasks, accuracy, "val")
+  test = merged_accuracy(merged, base, num_tasks, accuracy, "test")
+  return best, val, test, trace
+
+
+def scale_curve(trace, reference: Sequence[float]) -> dict[str, list[float]]:
+  """Best validation score at each λ (maximized over the other hyper-parameters).
+
+  Args:
+    trace: `run_rule`'s last output (points with a "scale").
+    reference: the experts' validation accuracies.
+
+  Returns:
+    {"scale": [λ], "norm": [mean normalized val accuracy], "avg": [mean val accuracy]}.
+  """
+  by_scale: dict[float, np.ndarray] = {}
+  for hp, norm in trace:
+    s = float(hp["scale"])
+    if s not in by_scale or norm.mean() > by_scale[s].mean():
+      by_scale[s] = norm
+  scales = sorted(by_scale)
+  ref = np.asarray(reference)
+  return {
+    "scale": scales,
+    "norm": [float(by_scale[s].mean()) for s in scales],
+    "avg": [float((by_scale[s] * ref).mean()) for s in scales],
+  }
