@@ -15,9 +15,17 @@ Four fine-tuning modes, all with the classification head frozen (only the backbo
 Pre-training trains backbone and head together on a task mixture; the head is then frozen and
 shared by every expert, like CLIP's zero-shot text head.
 
-Weight decay is AdamW's decoupled decay towards 0 by default. With `decay_to_init` it pulls
-towards the weights the run started from instead (L2-SP, Li et al. 2018): decay towards 0 adds
-the same -c·θ0 component to every expert's task vector, decay towards θ0 adds none.
+The base optimizer is AdamW (`optimizer="adamw"`) or SGD with momentum (`optimizer="sgd"`, the
+classic fine-tuning recipe of ViT and BiT). They give task vectors of different shape: Adam
+normalizes every coordinate's step by its own gradient scale, so each consistently pushed weight
+moves by about the learning rate per step and the task vector's magnitudes are flat; SGD's steps
+are proportional to the gradients, whose magnitudes are heavy-tailed, and so are its task
+vectors (which is what magnitude trimming, e.g. TIES's, relies on).
+
+Weight decay is decoupled (AdamW, and SGDW for SGD: added after the momentum), towards 0 by
+default. With `decay_to_init` it pulls towards the weights the run
+started from instead (L2-SP, Li et al. 2018): decay towards 0 adds the same -c·θ0 component to
+every expert's task vector, decay towards θ0 adds none.
 """
 
 import functools
@@ -50,6 +58,8 @@ class TrainConfig(NamedTuple):
     asam_eta: ASAM's offset in T = |w| + eta.
     chunk: steps fused into one jitted `lax.scan` call (one progress-bar tick).
     decay_to_init: decay towards the initial weights (θ0 when fine-tuning) rather than 0.
+    optimizer: "adamw" or "sgd" (with momentum).
+    momentum: SGD's momentum (heavy ball); unused by AdamW.
   """
 
   steps: int = 500
@@ -61,6 +71,8 @@ class TrainConfig(NamedTuple):
   asam_eta: float = 0.01
   chunk: int = 50
   decay_to_init: bool = False
+  optimizer: str = "adamw"
+  momentum: float = 0.9
 
 
 def make_apply(
@@ -153,8 +165,11 @@ def add_decayed_weights_towards_init(weight_decay: float) -> optax.GradientTrans
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(cfg: TrainConfig, *, mode: str = "standard") -> optax.GradientTransformation:
-  """AdamW with warm-up + cosine decay, wrapped in SAM / ASAM for those modes.
+  """AdamW or SGD with warm-up + cosine decay, wrapped in SAM / ASAM for those modes.
 
   Args:
     cfg: optimization settings.
@@ -169,13 +184,22 @@ def make_optimizer(cfg: TrainConfig, *, mode: str = "standard") -> optax.Gradien
     warmup_steps=cfg.warmup_steps,
     decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
   )
-  if cfg.decay_to_init:
-    # optax.adamw's chain with the decay term replaced.
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {cfg.optimizer!r}; known: {OPTIMIZERS}.")
+  decay = (
+    add_decayed_weights_towards_init(cfg.weight_decay)
+    if cfg.decay_to_init
+    else optax.add_decayed_weights(cfg.weight_decay)
+  )
+  if cfg.optimizer == "sgd":
+    # SGDW (Loshchilov & Hutter 2019): heavy-ball momentum on the gradient, then the decoupled
+    # decay, as AdamW does; inside the momentum the decay would weigh 1 / (1 - momentum) more.
     opt = optax.chain(
-      optax.scale_by_adam(),
-      add_decayed_weights_towards_init(cfg.weight_decay),
-      optax.scale_by_learning_rate(schedule),
+      optax.trace(decay=cfg.momentum), decay, optax.scale_by_learning_rate(schedule)
     )
+  elif cfg.decay_to_init:
+    # optax.adamw's chain with the decay term replaced.
+    opt = optax.chain(optax.scale_by_adam(), decay, optax.scale_by_learning_rate(schedule))
   else:
     opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   if mode == "sam":

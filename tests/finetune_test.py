@@ -145,3 +145,45 @@ def test_decay_to_init_adds_no_shrink_component():
     jnp.dot(flat(out["backbone"]) - flat(base), -flat(base)) / jnp.linalg.norm(flat(base))
   )
   assert shrink(to_zero) > shrink(to_init)
+
+
+def test_sgd_steps_are_heavy_ball_plus_decoupled_decay():
+  cfg = finetune.TrainConfig(
+    optimizer="sgd", learning_rate=0.1, momentum=0.5, weight_decay=0.2, warmup_steps=0, steps=10
+  )
+  tx = finetune.make_optimizer(cfg._replace(decay_to_init=True))
+  p0 = np.array([1.0, -1.0])
+  grads = [np.array([2.0, 0.0]), np.array([-1.0, 3.0]), np.array([0.5, 0.5])]
+  lr = [float(optax.cosine_decay_schedule(0.1, 10)(k)) for k in range(3)]
+
+  def reference(decay_in_momentum):
+    p, m, out = p0.copy(), np.zeros(2), []
+    for k, g in enumerate(grads):
+      d = 0.2 * (p - p0)
+      m = 0.5 * m + g + (d if decay_in_momentum else 0.0)
+      p = p - lr[k] * (m + (0.0 if decay_in_momentum else d))
+      out.append(p)
+    return out
+
+  state, p = tx.init({"w": jnp.asarray(p0)}), {"w": jnp.asarray(p0)}
+  for k, g in enumerate(grads):
+    u, state = tx.update({"w": jnp.asarray(g)}, state, p)
+    p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(p["w"], reference(decay_in_momentum=False)[k], rtol=1e-6)
+  # The order matters from the third step on: decay inside the momentum (torch's SGD) differs.
+  assert not np.allclose(reference(True)[-1], reference(False)[-1], rtol=1e-4)
+  with pytest.raises(ValueError, match="Unknown optimizer"):
+    finetune.make_optimizer(cfg._replace(optimizer="lion"))
+
+
+@pytest.mark.parametrize("mode", ["standard", "sam"])
+def test_sgd_fine_tuning_moves_the_backbone_only(mode):
+  model, params, data = _setup()
+  cfg = _cfg(optimizer="sgd", learning_rate=0.05, decay_to_init=True, rho=0.05)
+  out, losses = finetune.train(model, params, data, cfg, mode=mode)
+  chex.assert_trees_all_equal(out["head"], params["head"])
+  assert not np.allclose(
+    np.asarray(jax.tree.leaves(out["backbone"])[0]),
+    np.asarray(jax.tree.leaves(params["backbone"])[0]),
+  )
+  assert np.isfinite(losses).all()

@@ -12,6 +12,8 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mergejax import rules
@@ -111,11 +113,15 @@ def run_rule(
   """
   extra = dict(extra or {})
   num_tasks = len(experts)
+  # λ sweeps: every registered rule's `scale` is the last step, θ0 + λ Δ, so a sweep merges once
+  # per point of the other hyper-parameters and rescales Δ (`_ScaledSweep` checks this on the
+  # sweep's first point and falls back to merging every point if it does not hold).
+  sweep = _ScaledSweep(rule, base, experts, extra)
 
   def score(hp):
     # The inputs are checked for NaN/Inf once, by the final merge below; the sweep skips the
     # per-leaf device reductions.
-    merged = rules.merge(rule, base, experts, check_finite=False, **hp, **extra)
+    merged = sweep.merge(hp)
     val = merged_accuracy(merged, base, num_tasks, accuracy, "val")
     return evaluate.normalized_accuracy(val, expert_val)
 
@@ -124,6 +130,64 @@ def run_rule(
   val = merged_accuracy(merged, base, num_tasks, accuracy, "val")
   test = merged_accuracy(merged, base, num_tasks, accuracy, "test")
   return best, val, test, trace
+
+
+class _ScaledSweep:
+  """Merges for a validation sweep, reusing one merge per point of the non-λ hyper-parameters.
+
+  `merge(hp)` returns `rules.merge(rule, ..., **hp)` when `hp` has no "scale"; with one, it merges
+  once at scale 1 for the other values, Δ = merged − θ0, and returns θ0 + λ Δ (float32, cast to
+  θ0's dtypes). That is the rule's own last step for every registered rule, up to float rounding
+  (the selected point is merged exactly afterwards). The sweep's first non-zero λ is also merged
+  by the rule and compared; a rule for which θ0 + λ Δ does not reproduce it within 1e-5 of |Δ|'s
+  scale (or that returns a per-task merge) gets exact merges for every point.
+  """
+
+  def __init__(self, rule, base, experts, extra):
+    self.rule, self.base, self.experts, self.extra = rule, base, experts, extra
+    self.linear: bool | None = None  # Unknown until the first check.
+    self._deltas: dict[str, Any] = {}
+
+  def _exact(self, hp):
+    return rules.merge(self.rule, self.base, self.experts, check_finite=False, **hp, **self.extra)
+
+  def merge(self, hp: Mapping[str, Any]) -> Any:
+    if "scale" not in hp or self.linear is False:
+      return self._exact(hp)
+    rest = {k: v for k, v in hp.items() if k != "scale"}
+    key = repr(sorted(rest.items()))
+    if key not in self._deltas:
+      unit = self._exact({**rest, "scale": 1.0})
+      if isinstance(unit, rules.TaskSpecificMerge):
+        self.linear = False
+        return self._exact(hp)
+      self._deltas[key] = jax.tree.map(
+        lambda m, b: jnp.asarray(m, jnp.float32) - jnp.asarray(b, jnp.float32), unit, self.base
+      )
+    if self.linear is None and hp["scale"] == 0:
+      return self._exact(hp)  # λ = 0 says nothing about linearity: decide on the next λ.
+    scaled = _rescale(self.base, self._deltas[key], hp["scale"])
+    if self.linear is None:
+      exact = self._exact(hp)
+      self.linear = _close(exact, scaled, self._deltas[key], hp["scale"])
+      return exact
+    return scaled
+
+
+@jax.jit
+def _rescale(base, delta, scale):
+  return jax.tree.map(
+    lambda b, d: (jnp.asarray(b, jnp.float32) + scale * d).astype(b.dtype), base, delta
+  )
+
+
+def _close(exact, scaled, delta, scale) -> bool:
+  leaves = zip(*(jax.tree.leaves(t) for t in (exact, scaled, delta)), strict=True)
+  for e, s, d in leaves:
+    tol = 1e-5 * (1.0 + abs(scale)) * (1.0 + float(jnp.max(jnp.abs(d))))
+    if float(jnp.max(jnp.abs(jnp.asarray(e, jnp.float32) - jnp.asarray(s, jnp.float32)))) > tol:
+      return False
+  return True
 
 
 def scale_curve(trace, reference: Sequence[float]) -> dict[str, list[float]]:

@@ -54,6 +54,11 @@ from mergejax.models.vit import ViTBackbone
 from mergejax.tree import Params
 
 BACKBONES = {"resmlp": ResMLPBackbone, "vit": ViTBackbone}
+# The training code's behaviour, part of the cache keys: bump one whenever a change to the
+# pre-training, or to fine-tuning and the multi-task loop, alters what a config builds (as
+# data.GENERATOR_VERSION does for the images).
+PRETRAIN_VERSION = 1
+ZOO_VERSION = 2
 
 
 def build_backbone(zoo_config: ml_collections.ConfigDict) -> nn.Module:
@@ -311,8 +316,8 @@ def zoo_keys(config: ml_collections.ConfigDict, seed: int) -> tuple[str, str]:
   # The pool's key covers the data config and the generators' version.
   pool = data_lib.pool_key(data_config(config))
   pre = {"pool": pool, "model_name": zoo["model_name"], "model": zoo["model"]}
-  pre["pretrain"] = zoo["pretrain"]
-  full = {"pool": pool, "zoo": zoo}
+  pre.update(pretrain=zoo["pretrain"], version=PRETRAIN_VERSION)
+  full = {"pool": pool, "zoo": zoo, "version": ZOO_VERSION}
   return (
     zoo_cache.config_key(pre, zoo["pretrain"]["seed"], prefix="synthvision-pretrained-"),
     zoo_cache.config_key(full, seed, prefix="synthvision-zoo-"),
