@@ -1,7 +1,7 @@
 """Where each leaf lives on a `jax.sharding.Mesh`: one rule, a function of the leaf's shape.
 
-`LeafSharding` splits a leaf along its largest axis that the number of shards divides (the
-leading one of equal candidates) and replicates leaves that are small or have no such axis.
+`LeafSharding` splits a leaf along its leading axis that the number of shards divides (with at
+least two entries per shard along it) and replicates leaves that are small or have no such axis.
 Because the placement depends on the shape alone, inputs, outputs and intermediate trees of one
 shape get the same `NamedSharding`, and a tree placed on one mesh restores onto another by
 asking the other mesh's `LeafSharding` (orbax reshards on reading).
@@ -60,14 +60,17 @@ class LeafSharding:
     return math.prod(self.mesh.shape[a] for a in self.axis_names)
 
   def spec(self, shape: Sequence[int]) -> P:
-    """The `PartitionSpec` of a leaf of `shape`: its largest divisible axis split, or P()."""
+    """The `PartitionSpec` of a leaf of `shape`: its leading divisible axis split, or P()."""
     n = self.num_shards
     if n == 1 or math.prod(shape) < self.min_size:
       return P()
-    candidates = [a for a in range(len(shape)) if shape[a] % n == 0]
+    # The leading axis whose slices keep at least two entries along it: a host's part of a
+    # row-major file is then one byte range, and no device sees a size-1 axis where one device
+    # saw a longer one (XLA simplifies degenerate axes differently, which changes roundings).
+    candidates = [a for a in range(len(shape)) if shape[a] % n == 0 and shape[a] >= 2 * n]
     if not candidates:
       return P()
-    axis = max(candidates, key=lambda a: (shape[a], -a))
+    axis = candidates[0]
     names = self.axis_names[0] if len(self.axis_names) == 1 else self.axis_names
     return P(*([None] * axis), names)
 
@@ -107,9 +110,11 @@ def put(x: Any, sharding: NamedSharding) -> jax.Array:
   if isinstance(x, jax.Array):
     if x.sharding == sharding:
       return x
-    if x.is_fully_addressable:
+    if not x.is_fully_addressable:
+      return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    if sharding.is_fully_addressable:
       return jax.device_put(x, sharding)
-    return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    x = np.asarray(x)  # This process's copy of the whole array: place its own slices.
   dtype = jax.dtypes.canonicalize_dtype(np.dtype(x.dtype))
   shape = tuple(np.shape(x))
 

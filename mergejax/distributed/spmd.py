@@ -10,11 +10,12 @@ door's, or one leaf's in the streaming engine) for inputs placed by a `LeafShard
   leaves are split (elementwise rules, counts, sorts, the comparisons of TIES's sign election),
   XLA partitions the whole program: every device computes its slices ("partitioned"). If some do
   (EMR's rescalers, Model Stock's and SLERP's per-leaf cosines, DARE's L1 rescale, the SVDs of
-  TSV/ISO), the leaves are gathered (replicated) first, every device runs the single-device
-  program on whole leaves, and the outputs are split again ("gathered"): the same bits, at the
-  cost of the memory of whole leaves (the streaming engine gathers one leaf at a time). The gather
-  and the split are programs of their own: inside one program XLA gives gathered leaves other
-  physical layouts, which changes the order of the sums it was meant to keep.
+  TSV/ISO), each process gathers whole leaves onto its first device, runs the very program
+  `rules.merge` compiles for one device, and splits the outputs over the mesh ("gathered"): the
+  same bits by construction, at the cost of whole leaves on one device (the streaming engine
+  gathers one leaf at a time). Gathering inside one SPMD program is not enough: XLA gives the
+  gathered leaves other layouts and simplifies the program differently, which changes the
+  roundings it was meant to keep.
   `LeafSharding(exact=False)` partitions those too: XLA then sums across devices in its own
   order, and the results agree with one device to float32 rounding instead of bit for bit.
 * Outputs are constrained to their `LeafSharding` placement (a function of shape), so a merged
@@ -27,10 +28,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mergejax import selection
-from mergejax.distributed import exactness
+from mergejax.distributed import exactness, hosts
 from mergejax.distributed.layout import LeafSharding, put
 
 PARTITIONED, GATHERED = "partitioned", "gathered"
@@ -67,40 +69,77 @@ def constrain(tree: Any, layout: LeafSharding) -> Any:
   )
 
 
+def _scalars(tree: Any) -> list[Any]:
+  """The floating scalars of `tree`, returned by partitioned programs to give each a second use.
+
+  XLA's CPU simplifier rewrites `x / broadcast(s)` as `x * broadcast(1 / s)` (one rounding
+  more) when `s` has a single use. JAX's lowering gives a hyper-parameter one broadcast per
+  operation, so a single-device program seldom qualifies; after SPMD partitioning the
+  broadcasts are merged first and DARE's `x / density` did. A second use keeps the division.
+  """
+  return [
+    x for x in jax.tree.leaves(tree) if np.ndim(x) == 0 and jnp.issubdtype(x.dtype, jnp.floating)
+  ]
+
+
 class ShardedProgram:
-  """A merge program compiled for a `LeafSharding` (see the module docstring); call it on
-  arguments whose first `num_split_args` hold leaves placed by `layout.place`."""
+  """A merge program compiled for a `LeafSharding` (see the module docstring); call it with
+  the models' leaves (host data or arrays placed by `layout.place`) as the first
+  `num_split_args` arguments."""
 
   def __init__(self, program, layout: LeafSharding, mode: str, num_split_args: int):
     if mode not in (PARTITIONED, GATHERED):
       raise ValueError(f"mode must be {PARTITIONED!r} or {GATHERED!r}, got {mode!r}.")
     self.layout, self.mode, self.num_split_args = layout, mode, num_split_args
+    self.compiled = None
 
-    def traced(*a):
+    def partitioned(*a):
       with selection.across_devices():
         out = program(*a)
-      return constrain(out, layout) if mode == PARTITIONED else out
+      # Every scalar input also leaves as an output: see `_scalars`.
+      return constrain(out, layout), _scalars(a[num_split_args:])
 
-    # Gathered: the single-device program on replicated inputs; XLA has nothing to split, so
-    # every device computes exactly what one device would (whole leaves in their usual layout).
-    self.jitted = jax.jit(traced)
+    # Gathered: the very program `rules.merge` compiles, for one device (the first of this
+    # process), on whole leaves; its outputs are then split over the mesh.
+    self.jitted = jax.jit(partitioned if mode == PARTITIONED else program)
 
   def _inputs(self, args):
-    if self.mode == PARTITIONED:
-      return args
-    n, replicated = self.num_split_args, self.layout.replicated()
-    whole = jax.tree.map(lambda x: put(x, replicated), tuple(args[:n]))
-    return (*whole, *args[n:])
+    """The models' leaves placed for this mode (host data, placed arrays or abstract ones)."""
+    n = self.num_split_args
+    device = jax.local_devices()[0]
+
+    def place(x):
+      if self.mode == PARTITIONED:
+        sharding = self.layout.sharding(np.shape(x))
+        if isinstance(x, jax.ShapeDtypeStruct):
+          return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return put(x, sharding)
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = hosts.to_host(x)
+      return jax.device_put(x, device)
+
+    return (*jax.tree.map(place, tuple(args[:n])), *args[n:])
 
   def __call__(self, *args):
-    out = self.jitted(*self._inputs(args))
+    out = (self.compiled or self.jitted)(*self._inputs(args))
     if self.mode == PARTITIONED:
-      return out
+      return out[0]
     return jax.tree.map(lambda x: put(x, self.layout.sharding(np.shape(x))), out)
 
   def lower(self, *args):
-    """`jax.stages.Lowered` of the program (gathered: of the replicated computation)."""
+    """`jax.stages.Lowered` of the program (gathered: of the single-device computation)."""
     return self.jitted.lower(*self._inputs(args))
+
+  def compile(self, *args):
+    """Compiles ahead of time for these arguments (abstract ones allowed); calls then use it.
+
+    Returns:
+      The `jax.stages.Compiled` (its `memory_analysis()` is per device).
+    """
+    self.compiled = self.lower(*args).compile()
+    return self.compiled
 
 
 def shard_program(
