@@ -261,6 +261,9 @@ def main(argv):
   results["speedup_median"] = fused["steps_per_s_median"] / naive["steps_per_s_median"]
   if _FUSIONBENCH.value:
     results.update(_fusionbench(fused, tmp))
+    summed = _fusionbench(fused, tmp, summed=True)
+    results["fusionbench_summed_loss"] = summed["fusionbench"]
+    results["speedup_vs_fusionbench_summed_loss"] = summed["speedup_vs_fusionbench"]
   for r in results.values():
     if isinstance(r, dict):
       r.pop("final_coeffs", None), r.pop("first_grad", None)
@@ -268,7 +271,7 @@ def main(argv):
   print(json.dumps(results, indent=2))
 
 
-def _fusionbench(fused: dict, tmp: str) -> dict:
+def _fusionbench(fused: dict, tmp: str, summed: bool = False) -> dict:
   """Runs FusionBench's AdaMerging in its virtual environment; compares it with `fused`."""
   child = pathlib.Path(__file__).with_name("fusionbench_adamerging.py")
   subprocess.run(
@@ -279,6 +282,7 @@ def _fusionbench(fused: dict, tmp: str) -> dict:
       f"--out={tmp}/fusionbench.json",
       f"--steps={_STEPS.value}",
       f"--repeats={_REPEATS.value}",
+      *(["--summed"] if summed else []),
     ],
     check=True,
   )

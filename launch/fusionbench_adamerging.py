@@ -10,8 +10,10 @@ the frozen task heads, Λ's initial value and the batches of every step (the one
 step samples). The step is FusionBench's `LayerWiseAdaMergingAlgorithm.test_time_adaptation`
 without Lightning Fabric: `LayerWiseMergedModel` (clamped Λ, task vectors as its modules), per
 task the forward pass and `fusion_bench.method.adamerging.entropy_loss`, `backward(retain_graph
-=True)`, then Adam's step, `zero_grad` and `merge_weights()`. Reported: the summed loss and Λ's
-gradient at the first step (before any update), Λ after the last step, and steps/s.
+=True)`, then Adam's step, `zero_grad` and `merge_weights()`. `--summed` instead sums the tasks'
+losses and runs one backward (each per-task backward also runs back through the merge of every
+layer and expert, most of FusionBench's step on CPU). Reported: the summed loss and Λ's gradient
+at the first step (before any update), Λ after the last step, and steps/s.
 """
 
 import argparse
@@ -55,6 +57,11 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument(
+    "--summed",
+    action="store_true",
+    help="One backward of the summed loss instead of FusionBench's one per task.",
+  )
   args = parser.parse_args()
   arrays = dict(np.load(args.npz))
   depth, tasks = int(arrays["depth"]), int(arrays["num_tasks"])
@@ -76,13 +83,18 @@ def main():
   module.merge_weights()
 
   def step(i, record=None):
-    total = 0.0
+    total, summed = 0.0, 0.0
     for t in range(tasks):
       w, b = heads[t]
       logits = module(batches[i % len(batches), t]) @ w + b
       loss = entropy_loss(logits)
-      loss.backward(retain_graph=True)
+      if args.summed:
+        summed = summed + loss
+      else:  # As FusionBench's test_time_adaptation: a backward per task through the merge.
+        loss.backward(retain_graph=True)
       total += float(loss.detach())
+    if args.summed:
+      summed.backward()
     if record is not None:
       record["first_loss"] = total
       record["first_grad"] = module.merge_weight.grad.detach().numpy().tolist()

@@ -140,8 +140,7 @@ def _learned_setup(steps):
   config.synthetic.hidden = 64  # 64 x 64 kernels: large enough to be split.
   config.synthetic.num_tasks = 2
   config.train.steps, config.train.batch_size = steps, 8
-  raw = synthetic.make_problem(0, **config.synthetic)
-  problem = synthetic.learn_problem(raw)
+  problem = synthetic.make_problem(0, **config.synthetic)  # No validation: AdaMerging's recipe.
   basis = bases.make_basis(problem.base, problem.experts, config.basis)
   blocks = pz.make_blocks(problem.base, granularity="layer")
   parametrization = pz.blockwise_scaling(blocks, init=0.3, clamp=(0.0, 1.0), clamp_mode="forward")
@@ -153,7 +152,7 @@ def _train(config, problem, basis, parametrization, placement, workdir=None, com
     problem.apply_fn,
     problem.base,
     basis,
-    problem.splits["test"],
+    problem.test,
     config,
     parametrization=parametrization,
     objective=objectives.make(config.objective),

@@ -1,6 +1,6 @@
 """Merges and coefficient searches across devices and hosts, with `jax.sharding`.
 
-* `layout`: `LeafSharding` (each leaf split along its largest axis the shard count divides,
+* `layout`: `LeafSharding` (each leaf split along its leading axis the shard count divides,
   small leaves replicated; a function of the shape alone), `put` (host data onto the mesh, each
   process reading only its slices), `make_mesh` (the learned loop's ("data", "model") mesh),
   `merge_mesh` (the 1-D mesh of data-free merges), `describe` (what run.json records).

@@ -278,7 +278,7 @@ def merge(
     check_finite: raise if an input holds NaN/Inf (naming the leaf and the model) or if the
       merged model does (naming the leaf); checked inside the merge's own jitted pass.
     jit: run under `jax.jit` (cached per rule and static options).
-    mesh: None (one device), a `jax.sharding.Mesh` (each leaf split along its largest axis the
+    mesh: None (one device), a `jax.sharding.Mesh` (each leaf split along its leading axis the
       device count divides, small leaves replicated) or a `distributed.LeafSharding`.
     **hparams: the rule's keyword hyper-parameters (see `hparams_of(rule_name)`).
 
