@@ -7,7 +7,8 @@ Two processes with 4 CPU devices each connect through `jax.distributed` (gloo co
 one 8-device mesh and run, as a multi-host job would: data-free merges of tiny models (each
 process placing only its own slices of host arrays, which it records), `run.merge_from_disk` on
 safetensors files written by the test (process 0 alone writes the output), and a few learned
-steps on a 4 x 2 mesh. Process 0 saves the results for the test to compare with one process.
+steps on a 4 x 2 mesh, checkpointed. Process 0 saves the results for the test to compare with
+one process.
 """
 
 import json
@@ -18,6 +19,8 @@ import jax
 import numpy as np
 
 from mergejax.distributed import hosts
+
+MERGED = ("task_arithmetic", "ties", "dare", "emr")  # Elementwise, selection, random, gathered.
 
 
 class RecordingArray:
@@ -50,7 +53,7 @@ def main(process_id: int, port: int, workdir: pathlib.Path) -> None:
   recorded = jax.tree.map(lambda x: RecordingArray(np.asarray(x)), base)
   layout.place(recorded)
   out["fraction_read"] = {p: float(r.read.mean()) for p, r in tree_lib.flatten(recorded).items()}
-  for name in sharding_checks.ON_EVERY_MESH:
+  for name in MERGED:
     merged = rules.merge(name, base, experts, mesh=layout, **rules.add_key(name, {}, 0))
     host = jax.tree.map(hosts.to_host, merged)
     for path, leaf in tree_lib.flatten(host).items():
@@ -67,9 +70,13 @@ def main(process_id: int, port: int, workdir: pathlib.Path) -> None:
   # A few learned steps on a 4 x 2 mesh spanning both processes.
   from mergejax.learned import sharding  # noqa: PLC0415
 
+  # Checkpointed every step by both processes together (orbax); the test resumes it on one device.
   config, problem, basis, parametrization = sharding_checks._learned_setup(steps=3)
+  config.ckpt.every_steps = 1
   placement = sharding.Placement(distributed.make_mesh(data=4, model=2))
-  result = sharding_checks._train(config, problem, basis, parametrization, placement)
+  result = sharding_checks._train(
+    config, problem, basis, parametrization, placement, workdir=workdir / "learned"
+  )
   out["learned/coeffs"] = hosts.to_host(result.final_coeffs)
   out["learned/loss"] = np.asarray([loss for _, loss in result.history["loss"]])
   out["learned/base_split"] = np.asarray(

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import jax
+import multihost_checks
 import numpy as np
 import pytest
 import sharding_checks
@@ -23,6 +24,8 @@ from configs import merge as merge_config
 from mergejax import rules, run
 from mergejax import tree as tree_lib
 from mergejax.io import checkpoint
+from mergejax.learned import objectives
+from mergejax.learned import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
@@ -144,7 +147,7 @@ def test_checkpoints_restore_onto_another_mesh(reports):
 def test_two_processes_merge_like_one(reports):
   saved = reports["multihost"]
   base, experts = sharding_checks._models()
-  for name in sharding_checks.ON_EVERY_MESH:
+  for name in multihost_checks.MERGED:
     expected = tree_lib.flatten(rules.merge(name, base, experts, **rules.add_key(name, {}, 0)))
     for path, leaf in expected.items():
       np.testing.assert_array_equal(saved[f"merge/{name}/{path}"], np.asarray(leaf), err_msg=path)
@@ -178,13 +181,31 @@ def test_two_processes_write_one_output_from_disk(reports):
   }
 
 
-def test_two_processes_learn_like_one(reports):
+def test_two_processes_learn_like_one_and_resume_on_one_device(reports):
   saved = reports["multihost"]
   config, problem, basis, parametrization = sharding_checks._learned_setup(steps=3)
-  one = sharding_checks._train(config, problem, basis, parametrization, None)
+  compiled = step_lib.make_compiled(
+    problem.apply_fn,
+    parametrization,
+    objectives.make(config.objective),
+    step_lib.make_optimizer(config.optim),
+    config.train,
+  )
+  one = sharding_checks._train(config, problem, basis, parametrization, None, None, compiled)
   np.testing.assert_allclose(
     saved["learned/coeffs"], np.asarray(one.final_coeffs), atol=COEFFS_ATOL
   )
   loss = [loss for _, loss in one.history["loss"]]
   np.testing.assert_allclose(saved["learned/loss"], loss, atol=LOSS_ATOL, rtol=0)
   assert int(saved["learned/base_split"]) >= 1
+  # The checkpoint both processes wrote (a 4 x 2 mesh) restores on this single device.
+  config.train.steps = 4
+  resumed = sharding_checks._train(
+    config, problem, basis, parametrization, None, reports["tmp"] / "learned", compiled
+  )
+  assert [s for s, _ in resumed.history["loss"]] == [1, 2, 3, 4]
+  assert [loss for _, loss in resumed.history["loss"]][:3] == saved["learned/loss"].tolist()
+  straight = sharding_checks._train(config, problem, basis, parametrization, None, None, compiled)
+  np.testing.assert_allclose(
+    np.asarray(resumed.final_coeffs), np.asarray(straight.final_coeffs), atol=COEFFS_ATOL
+  )
