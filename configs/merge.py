@@ -80,4 +80,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.memory_budget_gb = ml_collections.config_dict.placeholder(float)
   # A directory for JAX's persistent compilation cache (later runs reuse the executables).
   config.compile_cache_dir = ml_collections.config_dict.placeholder(str)
+  # Devices each merged leaf is split over (mergejax.distributed), with the single-device bits:
+  # None = every device of every process, 1 = one device (the single-device path).
+  config.mesh = dict(devices=ml_collections.config_dict.placeholder(int))
+  # Several hosts (mergejax.distributed.hosts.initialize): "host:port" of process 0, the process
+  # count and this process's index; unset, JAX's own launchers are detected (TPU pods, SLURM).
+  config.distributed = dict(
+    coordinator_address=ml_collections.config_dict.placeholder(str),
+    num_processes=ml_collections.config_dict.placeholder(int),
+    process_id=ml_collections.config_dict.placeholder(int),
+  )
   return config

@@ -8,12 +8,16 @@ Checkpoints are Hugging Face directories, safetensors or torch files, or orbax d
 workdir/merged (a Hugging Face directory when the base is one; see configs/merge.py for the
 output options) and workdir/run.json (config, seed, versions, bytes, time per phase, memory),
 committed together: a failed or killed run leaves the workdir as it was.
+
+Every device merges its slices of each leaf (`--config.mesh.devices`, default all; 1 for one
+device); several hosts run the same command with `--config.distributed.*` (see README).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mergejax import run
+from mergejax.distributed import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a configs/<rule>.py file.", lock_config=True
@@ -24,7 +28,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  hosts.initialize(_CONFIG.value.get("distributed"))  # Before any other JAX call.
   record = run.merge_from_disk(_CONFIG.value, _WORKDIR.value)
+  if not hosts.is_primary():
+    return
   logging.info("Done in %.2f s; outputs: %s", record["wall_time_s"], record["outputs"])
   print("\n".join(record["outputs"]))
 

@@ -32,6 +32,7 @@ from absl import logging
 
 from mergejax import provenance, rules, streaming
 from mergejax import tree as tree_lib
+from mergejax.distributed import hosts, layout
 from mergejax.io import atomic, checkpoint, hf, safetensors
 
 RUN_KIND = "mergejax.merge"  # run.json's "kind": marks a workdir this module may replace.
@@ -192,8 +193,10 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   Args:
     config: see configs/merge.py (base, experts, rule_name, rule, include, exclude, others,
       non_float, cast_experts, output, output_format, dtype, shard_size, seed, engine,
-      memory_budget_gb, compile_cache_dir).
-    workdir: output directory; replaced as a whole (see the module docstring).
+      memory_budget_gb, compile_cache_dir, mesh).
+    workdir: output directory; replaced as a whole (see the module docstring). In a multi-host
+      run (`hosts.initialize` called first) every process merges its slices and only process 0
+      writes.
 
   Returns:
     The provenance record written to run.json (with "outputs", bytes, phases).
@@ -233,6 +236,7 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
     others=config.others,
     non_float=config.get("non_float", "check"),
   )
+  mesh = layout.merge_mesh((config.get("mesh") or {}).get("devices"))
 
   # 3. Merge. In memory: here, whole (NaN/Inf in the inputs or the result raise before anything
   # is written). Streaming: planned here (hyper-parameters, compiles, the memory budget and the
@@ -241,8 +245,10 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   with phases("merge" if engine == "memory" else "plan"):
     if engine == "memory":
       merged = jax.block_until_ready(
-        rules.merge(config.rule_name, base, experts, **options, **hparams)
+        rules.merge(config.rule_name, base, experts, mesh=mesh, **options, **hparams)
       )
+      if mesh is not None:  # Whole leaves on every process (collectively), as one device has.
+        merged = jax.tree.map(hosts.to_host, merged)
       models = rules.task_models(merged, base, len(experts))
       if not isinstance(merged, rules.TaskSpecificMerge):
         models = models[:1]
@@ -258,6 +264,7 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
         memory_budget=None if budget is None else int(float(budget) * 2**30),
         dtype=dtype,
         order=_write_order(fmt, flat_base, config),
+        mesh=mesh,
         **options,
       )
       models = [tree_lib.unflatten(stream.lazy_outputs(t)) for t in range(stream.num_outputs)]
@@ -265,6 +272,14 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
         models = [jax.tree.map(np.asarray, m) for m in models]
 
   # 4. Write everything into a temporary workdir, run.json last, then swap it in: one commit.
+  # Only process 0 writes; the others compute the same leaves with it, in the writer's order.
+  if not hosts.is_primary():
+    if engine == "streaming" and fmt != "orbax":
+      for model in models:
+        flat = tree_lib.flatten(model)
+        for path in _write_order(fmt, tree_lib.flatten(base), config):
+          np.asarray(flat[path])
+    return {"outputs": [], "process_index": jax.process_index()}
   stem, suffix = name.removesuffix(".safetensors"), name[len(name.removesuffix(".safetensors")) :]
   names = [name] if len(models) == 1 else [f"{stem}_task{t}{suffix}" for t in range(len(models))]
   with atomic.atomic_dir(workdir) as stage:
@@ -285,6 +300,7 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
       bytes_written=bytes_written,
       phases_s=phases.seconds,
       engine=engine,
+      distributed=layout.describe(mesh),
     )
     if engine == "streaming":
       record["streaming"] = dict(
@@ -292,6 +308,7 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
         memory_budget_bytes=stream.budget,
         in_memory_because=stream.reason,
         compile_cache_dir=config.get("compile_cache_dir"),
+        spmd_modes={k: sorted(v) for k, v in stream.timings.spmd_modes.items()},
       )
     atomic.write_text(stage / "run.json", json.dumps(record, indent=2, default=str))
   logging.info("Wrote %s", record["outputs"])

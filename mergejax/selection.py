@@ -15,13 +15,18 @@ Magnitude top-k is the heart of TIES, Breadcrumbs and friends. Three exact imple
 
 This module is the one place that picks a backend: inside jit, "auto" picks "host" when lowering
 for CPU and "bisect" elsewhere (`lax.platform_dependent`); outside jit, `prefer_host` tells callers
-holding concrete CPU arrays (the `rules.merge` front door) to use `top_k_stats_eager`. All return
-the same threshold, bit for bit (tests).
+holding concrete CPU arrays (the `rules.merge` front door) to use `top_k_stats_eager`. Programs
+whose inputs are split over devices (`mergejax.distributed`) trace under `across_devices()`, where
+"auto" is "bisect": its counts are integer sums, exact however XLA splits them, where a host
+callback would gather every operand onto one device. All return the same threshold, bit for bit
+(tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -30,6 +35,18 @@ import numpy as np
 from jax import lax
 
 _INF_BITS = 0x7F800000  # Bit pattern of +inf; NaN is excluded by validation.
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def across_devices() -> Iterator[None]:
+  """Within (while tracing): method "auto" selects by bisection, whatever the backend."""
+  previous = getattr(_STATE, "split", False)
+  _STATE.split = True
+  try:
+    yield
+  finally:
+    _STATE.split = previous
 
 
 class TopKStats(NamedTuple):
@@ -67,6 +84,8 @@ def top_k_stats(
   if origins is not None:
     origins = [[jnp.asarray(x) for x in g] for g in origins]
   ks = jnp.asarray(ks, jnp.int32).reshape(len(groups))
+  if method == "auto" and getattr(_STATE, "split", False):
+    method = "bisect"
   if method == "host":
     return _stats_host(groups, origins, ks)
   if method == "bisect":
@@ -85,7 +104,7 @@ def prefer_host(*trees) -> bool:
   Returns:
     True on the CPU backend when no leaf is a tracer.
   """
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu" or getattr(_STATE, "split", False):
     return False
   return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
 

@@ -68,4 +68,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.early_stopping = dict(metric="accuracy", patience=0)
   config.dv_basi = dict(outer_iterations=3, start="learned", start_hparams={})
   config.ckpt = dict(every_steps=10 if runlocal else 100, keep=2)
+  # Devices (mergejax.learned.sharding): θ0 and the basis split over `model` devices (FSDP-style),
+  # task batches over `data` devices (None: every device not on the model axis), Λ replicated.
+  # One device in all runs the single-device path. Checkpoints restore onto any mesh.
+  config.mesh = dict(data=ml_collections.config_dict.placeholder(int), model=1)
+  # Several hosts (mergejax.distributed.hosts.initialize): "host:port" of process 0, the process
+  # count and this process's index; unset, JAX's own launchers are detected (TPU pods, SLURM).
+  config.distributed = dict(
+    coordinator_address=ml_collections.config_dict.placeholder(str),
+    num_processes=ml_collections.config_dict.placeholder(int),
+    process_id=ml_collections.config_dict.placeholder(int),
+  )
   return config

@@ -13,7 +13,8 @@ from absl import logging
 
 from mergejax import learned
 from mergejax.benchmarks import synthetic
-from mergejax.learned import evaluation
+from mergejax.distributed import hosts
+from mergejax.learned import evaluation, sharding
 
 
 def learn_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -26,8 +27,6 @@ def learn_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
   Returns:
     The results dict written to results.json.
   """
-  from mergejax.benchmarks.common import learned_plots as plots  # noqa: PLC0415 (matplotlib)
-
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   # 1. Problem.
@@ -59,7 +58,12 @@ def learn_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     "test_normalized_accuracy_mean": float(
       sum(a / r for a, r in zip(accuracy, reference, strict=True)) / len(accuracy)
     ),
+    "distributed": sharding.describe(sharding.make_mesh(config)),
   }
+  if not hosts.is_primary():  # One writer per file: process 0 writes results and plots.
+    return results
+  from mergejax.benchmarks.common import learned_plots as plots  # noqa: PLC0415 (matplotlib)
+
   # 4. Plots.
   extras = result.extras
   if "trajectory" in extras:

@@ -10,6 +10,8 @@
 * `bases`: task vectors, AdaMerging++'s TIES split, DARE.
 * `loop`: the training loop (`train`), resumable and bit-identical after a kill.
 * `mgda`: the min-norm combination of per-task gradients.
+* `sharding`: the ("data", "model") mesh of `config.mesh`: θ0 and the basis split over "model",
+  batches over "data", Λ replicated.
 """
 
 from mergejax.learned.methods import METHODS, coefficients, dv_basi, run

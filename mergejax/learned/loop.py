@@ -40,6 +40,7 @@ from mergejax.io import atomic, checkpoint
 from mergejax.learned import evaluation, objectives
 from mergejax.learned.parametrizations import Parametrization
 from mergejax.learned.problem import Augment
+from mergejax.learned.sharding import Placement
 from mergejax.learned.step import Compiled, TrainState, make_compiled, steps_per_epoch
 from mergejax.tree import Params
 
@@ -99,6 +100,7 @@ def train(
   workdir: str | pathlib.Path | None = None,
   compiled: Compiled | None = None,
   on_step: Callable[[int], None] | None = None,
+  placement: Placement | None = None,
 ) -> LoopResult:
   """Learns the coefficients of `parametrization`. See the module docstring for the phases.
 
@@ -119,6 +121,8 @@ def train(
     compiled: jitted pieces from `make_compiled` to reuse; None builds them for this run.
     on_step: called with the finished step number after each step, before its checkpoint is
       written (tests use it to simulate a kill).
+    placement: on a mesh (`sharding.Placement`): θ0 and the basis split over "model", the state
+      and the data replicated, batches split over "data" (`compiled` must be built with it).
 
   Returns:
     A `LoopResult`.
@@ -128,7 +132,9 @@ def train(
   rows = tc.batch_size * tc.batches_per_step
   adapt_data = _check_data(adapt_data, rows, objective.needs_labels, "adapt_data")
   if compiled is None:
-    compiled = make_compiled(apply_fn, parametrization, objective, optimizer, tc, augment=augment)
+    compiled = make_compiled(
+      apply_fn, parametrization, objective, optimizer, tc, augment=augment, placement=placement
+    )
   per_epoch = steps_per_epoch(adapt_data, rows, tc.epoch_length)
   total_steps = tc.epochs * per_epoch if tc.epochs > 0 else tc.steps
   eval_every = per_epoch if tc.eval_every == 0 else tc.eval_every
@@ -137,14 +143,23 @@ def train(
     needs_labels = ec.metric in ("accuracy", "neg_cross_entropy")
     # Validation labels, when present, are kept for reporting even if selection ignores them.
     val_data = _check_data(val_data, 1, needs_labels, "val_data", keep_labels=True)
+  if placement is not None:
+    base, basis = placement.model(base), [placement.model(v) for v in basis]
+    adapt_data = placement.replicated(adapt_data)
+    if evaluating:
+      val_data = placement.replicated(val_data)
 
   coeffs = parametrization.project(parametrization.init(base, basis))
+  if placement is not None:
+    coeffs = placement.replicated(coeffs)
   if objective.prepare is not None:
     # Targets from the initial model, recomputed identically on resume (no randomness).
     initial = compiled.merge(coeffs, base, basis)
     adapt_data = objective.prepare(
       lambda t, x: compiled.evaluator.logits(initial, t, x), adapt_data
     )
+    if placement is not None:
+      adapt_data = placement.replicated(adapt_data)
   state = LoopState(
     train=TrainState(
       coeffs=coeffs,
@@ -160,6 +175,8 @@ def train(
       stopped=jnp.zeros([], jnp.int32),
     ),
   )
+  if placement is not None:  # Restored checkpoints land on this mesh, whatever they were saved on.
+    state = placement.replicated(state)
   history = {"loss": [], "eval": []}
 
   # 2. Resume.
@@ -233,7 +250,7 @@ def train(
 
 
 # Config fields that may change when a run resumes: its length, logging, checkpoint cadence,
-# evaluation batch size (speed only) and the table label.
+# evaluation batch size (speed only), the table label, and the devices it runs on.
 RESUMABLE_FIELDS = (
   "train.steps",
   "train.epochs",
@@ -242,6 +259,8 @@ RESUMABLE_FIELDS = (
   "ckpt.*",
   "label",
   "table_rank",
+  "mesh.*",  # Checkpoints restore onto any mesh (a resumed run may use other devices).
+  "distributed.*",
 )
 _FINGERPRINT = "config_fingerprint.json"
 
@@ -264,7 +283,8 @@ def _check_fingerprint(workdir: str | pathlib.Path, config: Any, *, resuming: bo
         "start afresh with another --workdir (or delete its checkpoints/)."
       )
     return
-  atomic.write_text(path, json.dumps(current, indent=2, sort_keys=True))
+  if jax.process_index() == 0:  # One writer per file in a multi-host run.
+    atomic.write_text(path, json.dumps(current, indent=2, sort_keys=True))
 
 
 def _copy(tree: Any) -> Any:

@@ -26,6 +26,7 @@ from absl import logging
 from mergejax import rules
 from mergejax.learned import bases, evaluation, loop, objectives
 from mergejax.learned import parametrizations as params_lib
+from mergejax.learned import sharding as sharding_lib
 from mergejax.learned import step as step_lib
 from mergejax.learned.problem import CompileCache, LearnedMerge, LearnProblem
 
@@ -178,6 +179,8 @@ def _learn_blockwise(problem, config, base, basis, adapt, workdir, cache):
   )
   objective = objectives.make(config.objective)
   optimizer = step_lib.make_optimizer(config.optim)
+  mesh = sharding_lib.make_mesh(config)
+  placement = None if mesh is None else sharding_lib.Placement(mesh)
   compiled = None
   if cache is not None:
     tc = config.train
@@ -188,6 +191,7 @@ def _learn_blockwise(problem, config, base, basis, adapt, workdir, cache):
       config.objective,
       config.optim,
       {k: tc[k] for k in ("batch_size", "batches_per_step", "epoch_length", "mgda")},
+      None if placement is None else placement.key(),
     )
     step, merge = cache.get(
       key,
@@ -202,6 +206,7 @@ def _learn_blockwise(problem, config, base, basis, adapt, workdir, cache):
           epoch_length=tc.epoch_length,
           use_mgda=bool(tc.mgda),
           augment=problem.augment,
+          placement=placement,
         ),
         jax.jit(parametrization.merge),
       ),
@@ -221,6 +226,7 @@ def _learn_blockwise(problem, config, base, basis, adapt, workdir, cache):
     augment=problem.augment,
     workdir=workdir,
     compiled=compiled,
+    placement=placement,
   )
   return result, blocks
 

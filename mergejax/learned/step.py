@@ -20,6 +20,7 @@ import optax
 from mergejax.learned import evaluation, mgda, objectives
 from mergejax.learned.parametrizations import Parametrization
 from mergejax.learned.problem import Augment
+from mergejax.learned.sharding import Placement
 from mergejax.tree import Params
 
 Coeffs = Any
@@ -141,6 +142,7 @@ def make_train_step(
   epoch_length: str = "largest",
   use_mgda: bool = False,
   augment: Augment | None = None,
+  placement: Placement | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the jitted step `(state, base, basis, data) -> (state, metrics)`; `state` is donated.
 
@@ -159,6 +161,8 @@ def make_train_step(
     epoch_length: see `steps_per_epoch`.
     use_mgda: combine per-task gradients with MGDA instead of summing them.
     augment: the problem's `augment`, for objectives that need views.
+    placement: on a mesh (`sharding.Placement`): θ(Λ) is split like θ0 over "model" and each
+      batch over "data"; None for one device.
 
   Returns:
     The jitted step.
@@ -168,6 +172,9 @@ def make_train_step(
 
   def task_loss(t, params, batch, key):
     def batch_loss(sub, sub_key):
+      if placement is not None:
+        sub = placement.constrain_batch(sub)
+
       def forward(view=None):
         x = sub["x"]
         if view is not None:
@@ -187,7 +194,11 @@ def make_train_step(
   def losses_and_grads(coeffs, base, basis, batches, aug_key):
     # Two-stage backprop: θ is built once; each task's forward/backward gives the cotangent of θ;
     # one VJP of the merge maps the summed cotangent to the coefficients (per task for MGDA).
-    params, merge_vjp = jax.vjp(lambda c: parametrization.merge(c, base, basis), coeffs)
+    def merge(c):
+      params = parametrization.merge(c, base, basis)
+      return params if placement is None else placement.constrain_model(params)
+
+    params, merge_vjp = jax.vjp(merge, coeffs)
 
     def task_key(t):
       return None if aug_key is None else jax.random.fold_in(aug_key, t)
@@ -254,6 +265,7 @@ def make_compiled(
   train_config: Any,
   *,
   augment: Augment | None = None,
+  placement: Placement | None = None,
 ) -> Compiled:
   """Builds the jitted step, merge and evaluator of one run.
 
@@ -265,6 +277,7 @@ def make_compiled(
     train_config: `config.train` (batch_size, batches_per_step, epoch_length, mgda,
       eval_batch_size).
     augment: the problem's augmentation, if the objective needs views.
+    placement: the mesh placement (`sharding.Placement`), or None for one device.
 
   Returns:
     The `Compiled` pieces (jit compiles them on first use).
@@ -280,6 +293,7 @@ def make_compiled(
     epoch_length=tc.epoch_length,
     use_mgda=bool(tc.mgda),
     augment=augment,
+    placement=placement,
   )
   evaluator = evaluation.make_evaluator(apply_fn, eval_batch_size=tc.eval_batch_size)
   return Compiled(train_step=step, merge=jax.jit(parametrization.merge), evaluator=evaluator)

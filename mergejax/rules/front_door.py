@@ -27,6 +27,8 @@ import numpy as np
 
 from mergejax import selection
 from mergejax import tree as tree_lib
+from mergejax.distributed import layout as layout_lib
+from mergejax.distributed import spmd
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
 from mergejax.rules.task_specific import SubsetTaskSpecific, TaskSpecificMerge
@@ -65,6 +67,36 @@ def _compiled(fn: Callable[..., Any], static_items: tuple, with_stats: bool, che
   # anew), the static options, the pre-pass and the checks; scalars are traced, so sweeps reuse
   # the executable.
   return jax.jit(_checked(fn, dict(static_items), with_stats, check))
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _compiled_sharded(fn, static_items: tuple, check: bool, layout, mode: str):
+  program = _checked(fn, dict(static_items), False, check)
+  return spmd.shard_program(program, layout, (), mode=mode)
+
+
+_MODES: dict[Any, str] = {}  # (rule, options, layout, input signature) -> spmd mode.
+
+
+def _sharded(fn, static: dict, check: bool, layout, args):
+  """The jitted sharded merge for these inputs (its mode found once per input signature)."""
+  leaves, treedef = jax.tree.flatten(args)
+  signature = (treedef, tuple((np.shape(x), str(x.dtype)) for x in leaves))
+  key = (fn, tuple(sorted(static.items())), check, layout, signature)
+  if key not in _MODES:
+    if len(_MODES) > 4 * _CACHE_SIZE:
+      _MODES.clear()
+    _MODES[key] = spmd.choose_mode(_checked(fn, static, False, check), layout, args)
+  return _compiled_sharded(fn, key[1], check, layout, _MODES[key])
+
+
+def as_layout(mesh: Any) -> layout_lib.LeafSharding | None:
+  """`mesh` (a `Mesh`, a `LeafSharding` or None) as a `LeafSharding` (None: one device)."""
+  if mesh is None or isinstance(mesh, layout_lib.LeafSharding):
+    return mesh
+  if isinstance(mesh, jax.sharding.Mesh):
+    return layout_lib.LeafSharding(mesh)
+  raise TypeError(f"mesh must be a jax.sharding.Mesh or a LeafSharding, got {type(mesh)}.")
 
 
 def _checked(fn: Callable[..., Any], static: dict, with_stats: bool, check: bool):
@@ -224,11 +256,14 @@ def merge(
   non_float: str = "check",
   check_finite: bool = True,
   jit: bool = True,
+  mesh: Any = None,
   **hparams: Any,
 ) -> Any:
   """Validates the inputs and runs a registered rule (jit-compiled and cached).
 
   Scalars in `hparams` are passed as traced arrays, so a λ or density sweep compiles once.
+  With `mesh`, the merged leaves are split over its devices and the rule runs SPMD, with the
+  bits of the single-device merge (`mergejax.distributed.spmd`).
 
   Args:
     rule_name: a key of `REGISTRY` (e.g. "ties").
@@ -243,6 +278,8 @@ def merge(
     check_finite: raise if an input holds NaN/Inf (naming the leaf and the model) or if the
       merged model does (naming the leaf); checked inside the merge's own jitted pass.
     jit: run under `jax.jit` (cached per rule and static options).
+    mesh: None (one device), a `jax.sharding.Mesh` (each leaf split along its leading axis the
+      device count divides, small leaves replicated) or a `distributed.LeafSharding`.
     **hparams: the rule's keyword hyper-parameters (see `hparams_of(rule_name)`).
 
   Returns:
@@ -275,8 +312,19 @@ def merge(
     non_float,
   )
 
-  # 4. Host pre-pass (e.g. TIES's exact thresholds in NumPy on CPU), then the jitted rule.
+  # 4. Host pre-pass (e.g. TIES's exact thresholds in NumPy on CPU), then the jitted rule. On a
+  # mesh: the leaves placed (each process reads its slices), the selection on the devices.
   static, traced = rule.split(full)
+  layout = as_layout(mesh)
+  if layout is not None:
+    args = (layout.place(part.base), [layout.place(e) for e in part.experts], None, traced)
+    merged, report = _sharded(rule.fn, static, check_finite, layout, args)(*args)
+    if check_finite:
+      _raise_non_finite(merged, report, part.base, part.experts)
+      rest_base, rest_experts = part.rest_inputs()
+      if rest_base:
+        _check_inputs(rest_base, rest_experts)
+    return part.reassemble(merged)
   stats = None
   if rule.prepare is not None and selection.prefer_host(part.base, part.experts):
     try:
@@ -306,7 +354,13 @@ def _check_inputs(base: Params, experts: Sequence[Params]) -> None:
 
 
 def lower(
-  rule_name: str, base: Params, experts: Sequence[Params], *, check_finite: bool = True, **hparams
+  rule_name: str,
+  base: Params,
+  experts: Sequence[Params],
+  *,
+  check_finite: bool = True,
+  mesh: Any = None,
+  **hparams,
 ):
   """Returns `jax.stages.Lowered` of the program `merge` runs (for compile-time and memory studies).
 
@@ -315,14 +369,20 @@ def lower(
     base: pre-trained parameters θ0.
     experts: fine-tuned models θt.
     check_finite: lower the program with the fused NaN/Inf checks (as `merge` runs by default).
+    mesh: as for `merge` (whole trees only).
     **hparams: the rule's hyper-parameters.
 
   Returns:
-    The lowered computation; `.compile().memory_analysis()` gives XLA's buffer sizes.
+    The lowered computation; `.compile().memory_analysis()` gives XLA's buffer sizes,
+    `.compile().as_text()` the collectives of a sharded merge.
   """
   rule = spec_lib.get(rule_name)
   full = rule.validate(hparams, num_experts=len(experts))
   static, traced = rule.split(full)
+  layout = as_layout(mesh)
+  if layout is not None:
+    args = (layout.place(base), [layout.place(e) for e in experts], None, traced)
+    return _sharded(rule.fn, static, check_finite, layout, args).lower(*args)
   stats = None
   if rule.prepare is not None and selection.prefer_host(base, experts):
     stats = rule.prepare(base, list(experts), **full)

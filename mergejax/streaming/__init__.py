@@ -24,6 +24,10 @@ holding more than a budget of working memory, and gives the same bits as `rules.
 Outputs are pulled leaf by leaf (`lazy_outputs`: array-likes that compute on `np.asarray`), so any
 writer streams them; `mergejax.run` writes them into shards as they complete, under the run's one
 commit point.
+
+With `mesh=`, each group's leaves are split over the devices (and hosts) of a mesh and every
+per-leaf program runs SPMD with the single-device bits (`mergejax.distributed.spmd`): partitioned,
+or on one leaf gathered onto one device when its result depends on sums over the leaf.
 """
 
 from mergejax.streaming.engine import StreamingMerge

@@ -13,6 +13,7 @@ import numpy as np
 
 from mergejax import leafwise, sparsify
 from mergejax import tree as tree_lib
+from mergejax.distributed import hosts, spmd
 from mergejax.rules import front_door
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.task_specific import TaskSpecificMerge
@@ -41,6 +42,9 @@ class StreamingMerge:
     memory_budget: bytes of working memory at most (None: `default_budget_bytes()`).
     dtype: output dtype of the floating leaves (None: the base's).
     order: the order leaves will be asked for (groups are formed along it); default tree order.
+    mesh: None (one device), a `jax.sharding.Mesh` or a `distributed.LeafSharding`: each
+      group's leaves are split over its devices and every per-leaf program runs SPMD with the
+      single-device bits (`distributed.spmd`); the budget is then per device.
 
   Raises:
     ValueError / TypeError / KeyError: as `rules.merge` does, and a leaf whose working set exceeds
@@ -62,6 +66,7 @@ class StreamingMerge:
     memory_budget: int | None = None,
     dtype: Any = None,
     order: Sequence[str] | None = None,
+    mesh: Any = None,
   ):
     started = time.perf_counter()
     self.timings = Timings()
@@ -77,6 +82,7 @@ class StreamingMerge:
     self.full = self.rule.validate(hparams, num_experts=len(self.experts))
     tree_lib.check_compatible(self.base, self.experts)
     self.check, self.others, self.out_dtype = check_finite, others, dtype
+    self.layout = front_door.as_layout(mesh)
     self.budget = default_budget_bytes() if memory_budget is None else int(memory_budget)
     self._select(
       front_door._as_patterns("include", include),
@@ -175,15 +181,24 @@ class StreamingMerge:
     fn, with_stats = self._fn()
     args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals)
     static = tuple(sorted(self.static.items()))
-    key = (fn, static, with_stats, self.check, totals_only, str(self.out_dtype), _signature(args))
+    signature = _signature(args)
+    key = (fn, static, with_stats, self.check, totals_only, str(self.out_dtype), signature)
+    key += (self.layout,)
     if key not in _EXECUTABLES:
       start = time.perf_counter()
       program = _program(fn, self.static, with_stats, self.check, totals_only, self.out_dtype)
-      lowered = jax.jit(program).lower(*_abstract(args))
-      _EXECUTABLES[key] = lowered.compile()
+      if self.layout is None:
+        _EXECUTABLES[key] = jax.jit(program).lower(*_abstract(args)).compile()
+      else:  # Split over the mesh; compiled for these shapes (mode chosen per program).
+        sharded = spmd.shard_program(program, self.layout, _abstract(args))
+        sharded.compile(*_abstract(args))
+        _EXECUTABLES[key] = sharded
       self.timings.executables += 1
       self.timings.compile_s += time.perf_counter() - start
-    return _EXECUTABLES[key], args
+    executable = _EXECUTABLES[key]
+    if self.layout is not None:
+      self.timings.spmd_modes["statistics" if totals_only else "apply"].add(executable.mode)
+    return executable, args
 
   def _leaf_stats(self, path: str):
     return None if self._stats is None else self._stats(self.index[path])
@@ -198,7 +213,7 @@ class StreamingMerge:
     self.working_set: dict[str, int] = {}
     for path in self.merged_paths:
       compiled, _ = self._executable(path, False)
-      mem = compiled.memory_analysis()
+      mem = getattr(compiled, "compiled", compiled).memory_analysis()
       ws = (
         int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
         if mem is not None
@@ -279,7 +294,7 @@ class StreamingMerge:
       for path in self.merged_paths:  # The order a whole-tree call adds the leaves' sums in.
         compiled, args = self._executable(path, True)
         args = self._args([path], self._leaf_stats(path), values)
-        partials = jax.device_get(compiled(*args))
+        partials = [hosts.to_host(p) for p in compiled(*args)]
         for j in ready:
           acc[j] = np.float32(acc[j] + np.float32(partials[j]))
       self.totals.update(acc)
@@ -290,15 +305,18 @@ class StreamingMerge:
     """Fallback for rules that cannot stream: `rules.merge` on the merged leaves."""
     base = {p: self.base[p] for p in self.merged_paths}
     experts = [{p: e[p] for p in self.merged_paths} for e in self.experts]
-    merged = front_door.merge(self.rule.name, base, experts, check_finite=self.check, **self.full)
+    merged = front_door.merge(
+      self.rule.name, base, experts, check_finite=self.check, mesh=self.layout, **self.full
+    )
     if isinstance(merged, TaskSpecificMerge):
+      merged = jax.tree.map(hosts.to_host, merged)  # Task models as one device builds them.
       results = [merged.task_model(base, t) for t in range(merged.num_tasks)]
     else:
       results = [merged]
     self.num_outputs = len(results)
     for t, r in enumerate(results):
       for p, x in r.items():
-        x = np.asarray(x)
+        x = hosts.to_host(x)
         self._cache[(p, t)] = x if self.out_dtype is None else x.astype(self.out_dtype)
     self.order = list(self.merged_paths)
 
@@ -345,21 +363,21 @@ class StreamingMerge:
       pending.append((path, compiled(*args)))
     for path, (out, report) in pending:
       if self.task_specific:
-        base = {"x": self.base[path]}
+        base, out = {"x": self.base[path]}, jax.tree.map(hosts.to_host, out)
         models = [out.task_model(base, t) for t in range(self.num_outputs)]
       else:
         models = [out]
       if self.check:
         self._check(path, models, report)
       for t, m in enumerate(models):
-        x = np.asarray(m["x"])
+        x = hosts.to_host(m["x"])
         want = self.output_dtype(path)
         self._cache[(path, t)] = x if x.dtype == want else x.astype(want)
     if self.timings.first_leaf_s is None:
       self.timings.first_leaf_s = time.perf_counter() - self._started
 
   def _check(self, path, models, report) -> None:
-    if np.isfinite(np.asarray(report)).all():
+    if np.isfinite(hosts.to_host(report)).all():
       return
     front_door._check_inputs({path: self.base[path]}, [{path: e[path]} for e in self.experts])
     for m in models:

@@ -50,6 +50,10 @@ class Timings:
   first_leaf_s: float | None = None  # From the constructor's start to the first output leaf.
   peak_working_set_bytes: int = 0
   groups: int = 0
+  # On a mesh: how the per-leaf programs ran ("partitioned" / "gathered", `distributed.spmd`).
+  spmd_modes: dict = dataclasses.field(
+    default_factory=lambda: {"apply": set(), "statistics": set()}
+  )
 
 
 class LazyLeaf:
