@@ -224,6 +224,7 @@ def merge(
   non_float: str = "check",
   check_finite: bool = True,
   jit: bool = True,
+  statistics: Any = None,
   **hparams: Any,
 ) -> Any:
   """Validates the inputs and runs a registered rule (jit-compiled and cached).
@@ -243,6 +244,9 @@ def merge(
     check_finite: raise if an input holds NaN/Inf (naming the leaf and the model) or if the
       merged model does (naming the leaf); checked inside the merge's own jitted pass.
     jit: run under `jax.jit` (cached per rule and static options).
+    statistics: for data-dependent rules (Fisher merging, RegMean, RegMean++), one entry per
+      expert as `mergejax.statistics` computes them; checked against the parameters (leaf paths,
+      shapes, NaN/Inf) before the merge. Data-free rules take none.
     **hparams: the rule's keyword hyper-parameters (see `hparams_of(rule_name)`).
 
   Returns:
@@ -275,9 +279,10 @@ def merge(
     non_float,
   )
 
-  # 4. Host pre-pass (e.g. TIES's exact thresholds in NumPy on CPU), then the jitted rule.
+  # 4. Host pre-pass (e.g. TIES's exact thresholds in NumPy on CPU) or, for a data-dependent
+  # rule, its validated statistics; then the jitted rule.
   static, traced = rule.split(full)
-  stats = None
+  stats = _data_statistics(rule, base, part, statistics, full, len(experts))
   if rule.prepare is not None and selection.prefer_host(part.base, part.experts):
     try:
       stats = rule.prepare(part.base, part.experts, **full)
@@ -285,7 +290,7 @@ def merge(
       if check_finite:  # A NaN can break the pre-pass: say where it is rather than how it broke.
         _check_inputs(part.base, part.experts)
       raise
-  fn = rule.fn if stats is None else rule.with_stats
+  fn = rule.fn if stats is None or rule.data_dependent else rule.with_stats
   key = (fn, tuple(sorted(static.items())), stats is not None, check_finite)
   run = _compiled(*key) if jit else _checked(fn, static, stats is not None, check_finite)
   merged, report = run(part.base, part.experts, stats, traced)
@@ -299,6 +304,23 @@ def merge(
   return part.reassemble(merged)
 
 
+def _data_statistics(rule, base, part, statistics, full, num_experts) -> Any:
+  """A data-dependent rule's statistics, validated and restricted to the merged leaves."""
+  if not rule.data_dependent:
+    if statistics is not None:
+      raise TypeError(f"Rule {rule.name!r} is data-free: it takes no statistics.")
+    return None
+  if statistics is None:
+    raise ValueError(
+      f"Rule {rule.name!r} is data-dependent: pass statistics=[one per expert], computed with "
+      "mergejax.statistics (fisher_statistics, regmean_statistics, "
+      "regmean_plusplus_statistics) from a model and data, or loaded with "
+      "mergejax.statistics.load."
+    )
+  selected = tree_lib.flatten(part.base)
+  return rule.statistics(base, selected, statistics, full, num_experts)
+
+
 def _check_inputs(base: Params, experts: Sequence[Params]) -> None:
   tree_lib.check_finite(base, name="base")
   for i, e in enumerate(experts):
@@ -306,7 +328,13 @@ def _check_inputs(base: Params, experts: Sequence[Params]) -> None:
 
 
 def lower(
-  rule_name: str, base: Params, experts: Sequence[Params], *, check_finite: bool = True, **hparams
+  rule_name: str,
+  base: Params,
+  experts: Sequence[Params],
+  *,
+  check_finite: bool = True,
+  statistics: Any = None,
+  **hparams,
 ):
   """Returns `jax.stages.Lowered` of the program `merge` runs (for compile-time and memory studies).
 
@@ -315,6 +343,7 @@ def lower(
     base: pre-trained parameters θ0.
     experts: fine-tuned models θt.
     check_finite: lower the program with the fused NaN/Inf checks (as `merge` runs by default).
+    statistics: a data-dependent rule's statistics (as for `merge`).
     **hparams: the rule's hyper-parameters.
 
   Returns:
@@ -324,8 +353,11 @@ def lower(
   full = rule.validate(hparams, num_experts=len(experts))
   static, traced = rule.split(full)
   stats = None
+  if rule.data_dependent or statistics is not None:
+    whole = _Selection(base, list(experts), None, None, "base", "base")
+    stats = _data_statistics(rule, base, whole, statistics, full, len(experts))
   if rule.prepare is not None and selection.prefer_host(base, experts):
     stats = rule.prepare(base, list(experts), **full)
-  fn = rule.fn if stats is None else rule.with_stats
+  fn = rule.fn if stats is None or rule.data_dependent else rule.with_stats
   run = _compiled(fn, tuple(sorted(static.items())), stats is not None, check_finite)
   return run.lower(base, list(experts), stats, traced)

@@ -67,6 +67,11 @@ class StreamingMerge:
     self.timings = Timings()
     self._started = started
     self.rule = spec_lib.get(rule_name)
+    if self.rule.data_dependent:
+      raise ValueError(
+        f"Rule {rule_name!r} is data-dependent (its statistics weigh whole layers): it merges in "
+        "memory, with rules.merge(..., statistics=...) (from disk: config.engine='memory')."
+      )
     self.experts, self.base = list(experts), dict(base)
     if not self.experts:
       raise ValueError("A merge needs at least one expert.")
