@@ -60,15 +60,32 @@ CONFIG = dict(
   image_size=8,
   patch_size=4,
 )
+# ViT-S/16-shaped (21.4M parameters, the rules benchmark's workload) on 32×32 images (5 tokens),
+# for launch/bench_statistics.py.
+CONFIG_VITS = dict(
+  hidden_size=384,
+  intermediate_size=1536,
+  num_hidden_layers=12,
+  num_attention_heads=6,
+  image_size=32,
+  patch_size=16,
+)
+CONFIGS = {"tiny": CONFIG, "vits": CONFIG_VITS}
 EXAMPLES, BATCH, CLASSES, PROJ = 256, 32, 5, 16
 FISHER = dict(normalize_fisher_weight=True, minimal_fisher_weight=1e-6)
 REGMEAN_ALPHA, PLUSPLUS_ALPHA = 0.6, 0.95
 
 
 # ------------------------------------------------------------------------- FusionBench worker
-def fusionbench_worker(dst: str, num_experts: int, seed: int) -> None:
-  """Runs in FusionBench's Python: builds the models and data, runs the three algorithms."""
+def fusionbench_worker(dst: str, num_experts: int, seed: int, size: str = "tiny") -> None:
+  """Runs in FusionBench's Python: builds the models and data, runs the three algorithms.
+
+  With size="vits" (launch/bench_statistics.py) it also records each phase's seconds under
+  "seconds/<phase>" and skips the merges of Fisher and RegMean (their statistics are timed) and
+  RegMean++ as shipped.
+  """
   import copy
+  import time
 
   import torch
   import transformers
@@ -79,7 +96,8 @@ def fusionbench_worker(dst: str, num_experts: int, seed: int) -> None:
   from fusion_bench.modelpool import BaseModelPool
 
   torch.manual_seed(seed)
-  config = transformers.CLIPVisionConfig(**CONFIG)
+  timing = size != "tiny"
+  config = transformers.CLIPVisionConfig(**CONFIGS[size])
   base = transformers.CLIPVisionModel(config).eval()
   experts = []
   for _ in range(num_experts):
@@ -91,7 +109,8 @@ def fusionbench_worker(dst: str, num_experts: int, seed: int) -> None:
   projection = torch.nn.Linear(config.hidden_size, PROJ, bias=False).requires_grad_(False)
   text = [torch.nn.functional.normalize(torch.randn(CLASSES, PROJ), dim=-1) for _ in experts]
   scale = torch.tensor(2.6592).exp()
-  images = [torch.randn(EXAMPLES, 3, 8, 8) + 0.5 * t for t in range(num_experts)]
+  side = config.image_size
+  images = [torch.randn(EXAMPLES, 3, side, side) + 0.5 * t for t in range(num_experts)]
   labels = [torch.randint(0, CLASSES, (EXAMPLES,)) for _ in experts]
   names = [f"task{t}" for t in range(num_experts)]
   data = {
@@ -159,12 +178,16 @@ def fusionbench_worker(dst: str, num_experts: int, seed: int) -> None:
   )
   algo.on_fisher_merging_start = lambda: None
   params = list(base.state_dict())
+  models = [copy.deepcopy(e) for e in experts]
+  start = time.perf_counter()
   for t, name in enumerate(names):
-    fisher = algo.get_fisher_weights(name, copy.deepcopy(experts[t]), data[name], params)
+    fisher = algo.get_fisher_weights(name, models[t], data[name], params)
     for key, value in fisher.items():
       out[f"fisher_stats{t}/{key}"] = value.numpy()
-  for key, value in sd(algo.run(pool())).items():
-    out[f"fisher/{key}"] = value
+  out["seconds/fisher_statistics"] = np.float64(time.perf_counter() - start)
+  if not timing:
+    for key, value in sd(algo.run(pool())).items():
+      out[f"fisher/{key}"] = value
 
   # RegMean: Gram matrices, then the merge.
   algo = prepare(
@@ -177,13 +200,16 @@ def fusionbench_worker(dst: str, num_experts: int, seed: int) -> None:
     )
   )
   algo.on_regmean_start = lambda: None
+  models = [copy.deepcopy(e) for e in experts]
+  start = time.perf_counter()
   for t, name in enumerate(names):
-    model = copy.deepcopy(experts[t])
-    linear = get_modules_to_merge(model, [torch.nn.Linear])
-    for key, value in algo.get_regmean_weights(name, model, data[name], linear).items():
+    linear = get_modules_to_merge(models[t], [torch.nn.Linear])
+    for key, value in algo.get_regmean_weights(name, models[t], data[name], linear).items():
       out[f"grams{t}/{key}"] = value.numpy()
-  for key, value in sd(algo.run(pool())).items():
-    out[f"regmean/{key}"] = value
+  out["seconds/regmean_statistics"] = np.float64(time.perf_counter() - start)
+  if not timing:
+    for key, value in sd(algo.run(pool())).items():
+      out[f"regmean/{key}"] = value
 
   # RegMean++, as shipped and with the whole layer output passed on. Its class cannot be built
   # as shipped: it replaces the bidict `_config_mapping` of its @auto_register_config parent by a
@@ -206,7 +232,10 @@ def fusionbench_worker(dst: str, num_experts: int, seed: int) -> None:
       outputs.append((y[0] if isinstance(y, tuple) else y).detach().cpu())
     return outputs
 
-  for label, patch in (("regmean_plusplus_as_shipped", None), ("regmean_plusplus", whole_output)):
+  runs = [("regmean_plusplus", whole_output)]
+  if not timing:
+    runs.insert(0, ("regmean_plusplus_as_shipped", None))
+  for label, patch in runs:
     algo = (
       cls(**kwargs)
       if patch is None
@@ -215,7 +244,11 @@ def fusionbench_worker(dst: str, num_experts: int, seed: int) -> None:
     algo = prepare(algo)
     algo.on_regmean_start = lambda: None
     try:
-      for key, value in sd(algo.run(pool(wrap=True))).items():
+      models = pool(wrap=True)
+      start = time.perf_counter()
+      merged = algo.run(models)
+      out[f"seconds/{label}"] = np.float64(time.perf_counter() - start)
+      for key, value in sd(merged).items():
         out[f"{label}/{key.removeprefix('vision_model.')}"] = value
     except Exception as e:  # noqa: BLE001 (reported, not hidden)
       out[f"{label}/error"] = np.array(f"{type(e).__name__}: {e}")
@@ -328,7 +361,7 @@ def compare(ours: dict, ref: dict, base: dict | None) -> tuple[float, float]:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1 and argv[1] == "--worker":
-    fusionbench_worker(argv[2], int(argv[3]), int(argv[4]))
+    fusionbench_worker(argv[2], int(argv[3]), int(argv[4]), *argv[5:])
     return
   fb_python = "/work/venvs/peers/bin/python"
   for a in argv[1:]:

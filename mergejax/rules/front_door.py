@@ -3,8 +3,9 @@
 One linear story: look up the rule's spec and validate the hyper-parameters; validate the inputs;
 pick the leaves to merge (floating leaves the patterns select; integer and bool leaves are never
 merged arithmetically: they must agree across the models and are copied from θ0); run the rule's
-host pre-pass where one helps (exact selection in NumPy on CPU); run the rule under a cached
-`jax.jit` whose scalar hyper-parameters are traced; put the unmerged leaves back.
+host pre-pass where one helps (exact selection in NumPy on CPU) or, for a data-dependent rule,
+validate its statistics against the merged leaves; run the rule under a cached `jax.jit` whose
+scalar hyper-parameters are traced; put the unmerged leaves back.
 
 The NaN/Inf checks ride along in the same jitted call instead of costing passes of their own:
 each merged leaf is "poisoned" (set to NaN where any model's entry is not finite, an elementwise
