@@ -376,7 +376,7 @@ def test_statistics_errors_name_the_leaf_and_the_fix():
   with pytest.raises(ValueError, match="'backbone/dense_0/kernel'.*the same root"):
     rules.merge("regmean", base, experts, statistics=other)
   nan = [grams[0], grams[1], jax.tree.map(lambda g: g.at[0, 0].set(jnp.nan), grams[2])]
-  with pytest.raises(ValueError, match=re.escape("'dense_0/kernel' of statistics[2]['grams']")):
+  with pytest.raises(ValueError, match=re.escape("'grams/dense_0/kernel' of statistics[2]")):
     rules.merge("regmean", base, experts, statistics=nan)
   with pytest.raises(ValueError, match="no 'alpha'.*regmean_plusplus_statistics"):
     rules.merge("regmean_plusplus", base, experts, statistics=grams)

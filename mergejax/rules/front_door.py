@@ -283,7 +283,7 @@ def merge(
   # 4. Host pre-pass (e.g. TIES's exact thresholds in NumPy on CPU) or, for a data-dependent
   # rule, its validated statistics; then the jitted rule.
   static, traced = rule.split(full)
-  stats = _data_statistics(rule, base, part, statistics, full, len(experts))
+  stats = _data_statistics(rule, base, part, statistics, full, len(experts), check_finite)
   if rule.prepare is not None and selection.prefer_host(part.base, part.experts):
     try:
       stats = rule.prepare(part.base, part.experts, **full)
@@ -305,7 +305,7 @@ def merge(
   return part.reassemble(merged)
 
 
-def _data_statistics(rule, base, part, statistics, full, num_experts) -> Any:
+def _data_statistics(rule, base, part, statistics, full, num_experts, check_finite) -> Any:
   """A data-dependent rule's statistics, validated and restricted to the merged leaves."""
   if not rule.data_dependent:
     if statistics is not None:
@@ -319,7 +319,15 @@ def _data_statistics(rule, base, part, statistics, full, num_experts) -> Any:
       "mergejax.statistics.load."
     )
   selected = tree_lib.flatten(part.base)
-  return rule.statistics(base, selected, statistics, full, num_experts)
+  kept = rule.statistics(base, selected, statistics, full, num_experts)
+  if check_finite:  # Only the statistics the merge reads; names the expert and the leaf.
+    for t, entry in enumerate(kept):
+      tree_lib.check_finite(
+        entry,
+        name=f"statistics[{t}]",
+        hint="the statistics were computed from a diverged model or bad inputs; recompute them",
+      )
+  return kept
 
 
 def _check_inputs(base: Params, experts: Sequence[Params]) -> None:
@@ -356,7 +364,7 @@ def lower(
   stats = None
   if rule.data_dependent or statistics is not None:
     whole = _Selection(base, list(experts), None, None, "base", "base")
-    stats = _data_statistics(rule, base, whole, statistics, full, len(experts))
+    stats = _data_statistics(rule, base, whole, statistics, full, len(experts), check_finite)
   if rule.prepare is not None and selection.prefer_host(base, experts):
     stats = rule.prepare(base, list(experts), **full)
   fn = rule.fn if stats is None or rule.data_dependent else rule.with_stats

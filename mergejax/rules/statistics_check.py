@@ -3,9 +3,10 @@
 A data-dependent rule (Fisher merging, RegMean, RegMean++) is a pure function of (base, experts,
 statistics): `statistics` holds one entry per expert, a dict whose `kind` key ("fisher" or
 "grams") is a tree of arrays keyed by leaf path, as `mergejax.statistics` computes them. The
-checks here run on the host before the merge, so that a statistic that is missing, misshaped,
-non-finite or computed for another model fails with the leaf path and the fix, instead of a
-broadcasting error (or a silent wrong merge) inside jit.
+checks here run on the host before the merge, so that a statistic that is missing, misshaped or
+computed for another model fails with the leaf path and the fix, instead of a broadcasting error
+(or a silent wrong merge) inside jit; `rules.merge` then checks the statistics it keeps for
+NaN/Inf (unless `check_finite=False`).
 
 >>> stats = [{"fisher": {"w": jnp.ones(2)}}]
 >>> per_expert("fisher", stats, 1, kind="fisher", source="fisher_statistics")[0]["w"].shape
@@ -71,11 +72,6 @@ def per_expert(
           f"{rule}: statistics[{t}][{kind!r}] leaf {path!r} is a {type(leaf).__name__}"
           f"{'' if dtype is None else f' of dtype {dtype}'}; expected a floating array."
         )
-    tree_lib.check_finite(
-      flat,
-      name=f"statistics[{t}][{kind!r}]",
-      hint="the statistics were computed from a diverged model or bad inputs; recompute them",
-    )
     flats.append(flat)
   return flats
 
