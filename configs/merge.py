@@ -60,6 +60,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.experts = ml_collections.config_dict.placeholder(tuple)  # Paths, one per expert.
   config.rule_name = rule_name  # Key in mergejax.rules.REGISTRY.
   config.rule = rule_fields(rule_name)  # Keyword hyper-parameters of the rule.
+  # Data-dependent rules (fisher, regmean, regmean_plusplus): an orbax directory written by
+  # mergejax.statistics.save, one entry per expert in the order of config.experts (computing
+  # statistics takes a model and data: see the README's "Data-dependent rules"). These rules
+  # merge in memory whatever config.engine says.
+  config.statistics = ml_collections.config_dict.placeholder(str)
   # Regexes over "a/b/c" leaf paths (full match; each must match some leaf); () merges all.
   config.include = ()
   config.exclude = ()

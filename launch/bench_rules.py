@@ -4,8 +4,10 @@ r"""Benchmark (not a test): every data-free rule on a ViT-shaped tree, against N
   python launch/bench_rules.py --layers=2      # a quick look
 
 Builds ViT-S/16-shaped parameters (~21.7M fp32 entries: 12 pre-LN blocks of width 384, MLP 1536,
-patch embedding and position embeddings) and 8 experts (θ0 + N(0, 0.01²) noise, fixed seed). For
-each rule it reports, from a fresh subprocess per implementation:
+patch embedding and position embeddings) and 8 experts (θ0 + N(0, 0.01²) noise, fixed seed); the
+data-dependent rules (Fisher merging, RegMean) also get synthetic statistics per expert (a Fisher
+diagonal per leaf; a well-conditioned Gram matrix A Aᵀ / 64 + 0.1 I per kernel). For each rule it
+reports, from a fresh subprocess per implementation:
   * first-call time (trace + compile + run) and the median wall time of the next `--repeats` calls;
   * memory in model copies: XLA's temporaries + output of the compiled merge (what every call
     needs; target ≤ 2), and the process's peak RSS above the resident inputs (compiler included);
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from mergejax.testing.numpy_reference import NUMPY
+from mergejax.testing.numpy_reference import NUMPY, NUMPY_DATA
 
 _LAYERS = flags.DEFINE_integer("layers", 12, "Transformer blocks (12: ~21.7M parameters).")
 _EXPERTS = flags.DEFINE_integer("experts", 8, "Number of experts.")
@@ -57,12 +59,18 @@ CASES = {
   "tsv_m": {"scale": 1.0},
   "iso_c": {"scale": 1.0},
   "iso_cts": {"scale": 1.0},
+  "fisher": {},
+  "regmean": {"alpha": 0.9},
 }
 RANDOM_RULES = {"dare", "dare_ties"}
+# Data-dependent rules: the merge given statistics (synthetic, fixed seed: a Fisher per leaf, a
+# Gram matrix per kernel). RegMean++'s merge is RegMean's on other Gram matrices: the same row.
+# Computing the statistics from a model and data: launch/bench_statistics.py.
+DATA_RULES = {"fisher", "regmean"}
 # SVD-based rules: LAPACK float32 SVDs in different orders agree to ~1e-6 relative, not to ulps.
 SPECTRAL_RULES = {"tsv_m", "iso_c", "iso_cts"}
 # Rules also timed with FusionBench's own functions (in its virtual environment) on the inputs.
-FUSIONBENCH_RULES = {"magmax", "tsv_m", "iso_c", "iso_cts"}
+FUSIONBENCH_RULES = {"magmax", "tsv_m", "iso_c", "iso_cts", *DATA_RULES}
 # The settings the NumPy references below implement, where a rule's default is now another
 # (issue 10: DARE-TIES trims after the drop, Breadcrumbs ranks per output neuron with int()
 # counts, EMR's rescaler sums per-tensor means). Passed to mergejax only.
@@ -123,6 +131,51 @@ def make_inputs(layers: int, n_experts: int, convert=lambda x: x) -> tuple[dict,
   return {p: convert(x) for p, x in base_np.items()}, experts
 
 
+def make_statistics(rule: str, base: dict, n_experts: int, flip: bool = False) -> list[dict]:
+  """Synthetic statistics per expert (fixed seed), in flax layout (torch layout with `flip`)."""
+  rng = np.random.default_rng(1)
+  if rule == "fisher":
+    t = lambda x: np.ascontiguousarray(x.T) if flip and x.ndim == 2 else x
+    return [
+      {"fisher": {p: t(rng.random(x.shape, np.float32) ** 2) for p, x in base.items()}}
+      for _ in range(n_experts)
+    ]
+  grams = []
+  for _ in range(n_experts):
+    expert = {}
+    for p, x in base.items():
+      if p.endswith("/kernel") and x.ndim == 2:
+        a = rng.standard_normal((x.shape[0], 64), np.float32)
+        expert[p] = a @ a.T / np.float32(64) + np.float32(0.1) * np.eye(len(a), dtype=np.float32)
+    grams.append({"grams": expert})
+  return grams
+
+
+def fusionbench_data_call(rule, base, experts, stats, **hparams):
+  """FusionBench's merge functions given statistics, on torch-named, torch-layout state dicts."""
+  import torch
+  from fusion_bench.method.fisher_merging.fisher_merging import merging_with_fisher_weights
+  from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
+
+  names = {
+    p: p.replace("/", ".").removesuffix(".kernel") + (".weight" if p.endswith("/kernel") else "")
+    for p in base
+  }
+  params = {names[p]: [e[p] for e in experts] for p in base}
+  with torch.no_grad():
+    if rule == "fisher":
+      fishers = [{names[p]: torch.from_numpy(s["fisher"][p]) for p in base} for s in stats]
+      coefficients = torch.ones(len(experts)) / len(experts)
+      out = merging_with_fisher_weights(params, fishers, coefficients, True, 1e-6)
+    else:
+      grams = [
+        {names[p].removesuffix(".weight"): torch.from_numpy(g) for p, g in s["grams"].items()}
+        for s in stats
+      ]
+      out = merging_with_regmean_weights(params, grams, hparams["alpha"], weight_transpose=True)
+  return {p: out[names[p]] for p in base}
+
+
 def current_rss_mib() -> float:
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * 4096 / 2**20
@@ -148,7 +201,7 @@ def fusionbench_call(rule, base, experts, scale):
     return {p: base[p] + delta[p] * scale for p in base}
 
 
-def xla_memory_copies(rule, base, experts, kw) -> float:
+def xla_memory_copies(rule, base, experts, kw, stats=None) -> float:
   """XLA's own account of the merge's run-time memory (temporaries + output), in model copies.
 
   Peak RSS also counts the compiler's memory (LLVM, for ~150 leaves x 8 experts), which is freed
@@ -159,7 +212,8 @@ def xla_memory_copies(rule, base, experts, kw) -> float:
 
   from mergejax import rules
 
-  analysis = rules.lower(rule, base, experts, **kw).compile().memory_analysis()
+  data = {} if stats is None else {"statistics": stats}
+  analysis = rules.lower(rule, base, experts, **kw, **data).compile().memory_analysis()
   model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
   return (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) / model_bytes
 
@@ -180,9 +234,13 @@ def worker(impl: str, rule: str, layers: int, n_experts: int, repeats: int) -> d
     kw = dict(hparams, **JAX_SETTINGS.get(rule, {}))
     if rule in RANDOM_RULES:
       kw["key"] = jax.random.key(0)
+    stats = None
+    if rule in DATA_RULES:
+      stats = jax.tree.map(jnp.asarray, make_statistics(rule, base, n_experts))
+    data = {} if stats is None else {"statistics": stats}
 
     def call():
-      out = rules.merge(rule, base, experts, check_finite=False, **kw)
+      out = rules.merge(rule, base, experts, check_finite=False, **kw, **data)
       return jax.block_until_ready(rules.task_models(out, base, len(experts))[0])
   elif impl == "fusionbench":
     import contextlib
@@ -196,15 +254,28 @@ def worker(impl: str, rule: str, layers: int, n_experts: int, repeats: int) -> d
       return torch.from_numpy(np.ascontiguousarray(x.T if x.ndim == 2 else x))
 
     base, experts = make_inputs(layers, n_experts, convert=to_torch)
+    stats = None
+    if rule in DATA_RULES:
+      shapes = {
+        p: np.zeros(tuple(x.shape[::-1]) if x.ndim == 2 else tuple(x.shape))
+        for p, x in base.items()
+      }
+      stats = make_statistics(rule, shapes, n_experts, flip=True)
 
     def call():
       with contextlib.redirect_stdout(io.StringIO()):  # FusionBench prints per leaf.
-        out = fusionbench_call(rule, base, experts, **hparams)
+        if stats is not None:
+          out = fusionbench_data_call(rule, base, experts, stats, **hparams)
+        else:
+          out = fusionbench_call(rule, base, experts, **hparams)
       return {p: (x.numpy().T if x.ndim == 2 else x.numpy()) for p, x in out.items()}
   else:
     base, experts = make_inputs(layers, n_experts)
+    stats = make_statistics(rule, base, n_experts) if rule in DATA_RULES else None
 
     def call():
+      if stats is not None:
+        return NUMPY_DATA[rule](base, experts, stats, **hparams)
       return NUMPY[rule](base, experts, **hparams)
 
   inputs_rss = current_rss_mib()
@@ -219,7 +290,7 @@ def worker(impl: str, rule: str, layers: int, n_experts: int, repeats: int) -> d
     times.append(time.perf_counter() - start)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   # After the timed calls, so the first-call time includes the compile.
-  xla_copies = xla_memory_copies(rule, base, experts, kw) if impl == "jax" else None
+  xla_copies = xla_memory_copies(rule, base, experts, kw, stats) if impl == "jax" else None
   model_mib = sum(np.prod(x.shape) for x in base.values()) * 4 / 2**20
   out = {p: np.asarray(x, np.float32) for p, x in out.items()}
   flip = impl == "fusionbench"  # Its inputs are torch-layout; the digest is in flax layout.
@@ -251,7 +322,8 @@ def agreement(rule: str, other: str = "numpy") -> str:
     return f"{'yes' if ok else 'NO'} (kept {kept_a:.4f} vs {kept_b:.4f}, norm ratio {norm:.4f})"
   err = float(np.max(np.abs(a - b)))
   scale = float(np.max(np.abs(b))) or 1.0
-  ok = err <= (1e-4 if rule in SPECTRAL_RULES else 1e-5) * scale + 1e-7
+  # SVDs and linear solves in float32 against float64 (NumPy) or torch: ~1e-6 relative, not ulps.
+  ok = err <= (1e-4 if rule in SPECTRAL_RULES | DATA_RULES else 1e-5) * scale + 1e-7
   mismatched = int(np.sum((a == 0) != (b == 0)))
   return f"{'yes' if ok else 'NO'} (max |Δ| {err:.1e}, mask mismatches {mismatched})"
 

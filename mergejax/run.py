@@ -31,6 +31,7 @@ import tqdm
 from absl import logging
 
 from mergejax import provenance, rules, streaming
+from mergejax import statistics as statistics_lib
 from mergejax import tree as tree_lib
 from mergejax.distributed import hosts, layout
 from mergejax.io import atomic, checkpoint, hf, safetensors
@@ -193,7 +194,7 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   Args:
     config: see configs/merge.py (base, experts, rule_name, rule, include, exclude, others,
       non_float, cast_experts, output, output_format, dtype, shard_size, seed, engine,
-      memory_budget_gb, compile_cache_dir, mesh).
+      memory_budget_gb, compile_cache_dir, mesh, statistics).
     workdir: output directory; replaced as a whole (see the module docstring). In a multi-host
       run (`hosts.initialize` called first) every process merges its slices and only process 0
       writes.
@@ -228,6 +229,9 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   engine = config.get("engine", "streaming")
   if engine not in ENGINES:
     raise ValueError(f"config.engine={engine!r}: expected one of {ENGINES}.")
+  statistics = _statistics(config, len(experts))
+  if statistics is not None:
+    engine = "memory"  # Data-dependent rules weigh whole layers: they merge in memory.
   if config.get("compile_cache_dir"):
     streaming.enable_compile_cache(config.compile_cache_dir)
   options = dict(
@@ -236,7 +240,10 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
     others=config.others,
     non_float=config.get("non_float", "check"),
   )
-  mesh = layout.merge_mesh((config.get("mesh") or {}).get("devices"))
+  # Data-dependent rules weigh whole layers on one device (rules.merge refuses them on a mesh).
+  mesh = (
+    None if statistics is not None else layout.merge_mesh((config.get("mesh") or {}).get("devices"))
+  )
 
   # 3. Merge. In memory: here, whole (NaN/Inf in the inputs or the result raise before anything
   # is written). Streaming: planned here (hyper-parameters, compiles, the memory budget and the
@@ -245,7 +252,15 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
   with phases("merge" if engine == "memory" else "plan"):
     if engine == "memory":
       merged = jax.block_until_ready(
-        rules.merge(config.rule_name, base, experts, mesh=mesh, **options, **hparams)
+        rules.merge(
+          config.rule_name,
+          base,
+          experts,
+          mesh=mesh,
+          **options,
+          **hparams,
+          **_as_kwargs(statistics),
+        )
       )
       if mesh is not None:  # Whole leaves on every process (collectively), as one device has.
         merged = jax.tree.map(hosts.to_host, merged)
@@ -302,6 +317,8 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
       engine=engine,
       distributed=layout.describe(mesh),
     )
+    if statistics is not None:
+      record["statistics"] = str(config.statistics)
     if engine == "streaming":
       record["streaming"] = dict(
         dataclasses.asdict(stream.timings),
@@ -313,6 +330,36 @@ def merge_from_disk(config: ml_collections.ConfigDict, workdir: str | Path) -> d
     atomic.write_text(stage / "run.json", json.dumps(record, indent=2, default=str))
   logging.info("Wrote %s", record["outputs"])
   return record
+
+
+def _statistics(config: ml_collections.ConfigDict, num_experts: int) -> list | None:
+  """A data-dependent rule's statistics, loaded from `config.statistics` (None for the others)."""
+  path = config.get("statistics")
+  if not rules.spec.get(config.rule_name).data_dependent:
+    if path:
+      raise ValueError(
+        f"config.statistics is set, but rule {config.rule_name!r} is data-free (statistics are "
+        "for the data-dependent rules: fisher, regmean, regmean_plusplus)."
+      )
+    return None
+  if not path:
+    raise ValueError(
+      f"Rule {config.rule_name!r} is data-dependent: it needs the experts' statistics, which "
+      "take a model and data to compute (mergejax.statistics in Python). Save them with "
+      "mergejax.statistics.save(DIR, stats), one entry per expert in the order of "
+      "--config.experts, and pass --config.statistics=DIR."
+    )
+  loaded = statistics_lib.load(path)
+  if len(loaded) != num_experts:
+    raise ValueError(
+      f"config.statistics={path}: {len(loaded)} entries for {num_experts} experts (one per "
+      "expert, in the order of --config.experts)."
+    )
+  return loaded
+
+
+def _as_kwargs(statistics: list | None) -> dict[str, Any]:
+  return {} if statistics is None else {"statistics": statistics}
 
 
 def weight_layout(params: Any, fmt: str) -> str:

@@ -76,3 +76,23 @@ def test_a_wrong_rule_is_caught():
   merged = rules.merge("ties", base, experts, density=0.3, scale=1.0)
   expected = ref.NUMPY["ties"](base, experts, density=0.2, scale=1.0)
   assert not np.allclose(np.asarray(merged["a/kernel"]), expected["a/kernel"], atol=1e-6)
+
+
+def test_data_dependent_rules_match_their_reference():
+  base, experts = _inputs()
+  rng = np.random.default_rng(5)
+  fisher = [{"fisher": {p: rng.random(x.shape).astype(np.float32) for p, x in base.items()}}]
+  fisher = fisher + [
+    {"fisher": {p: 3.0 * rng.random(x.shape).astype(np.float32) for p, x in base.items()}}
+    for _ in range(3)
+  ]
+  a = {k: rng.standard_normal((k, 2 * k)).astype(np.float32) for k in (24, 16)}
+  grams = [
+    {"grams": {"a/kernel": a[24] @ a[24].T * (t + 1), "b/kernel": a[16] @ a[16].T + t}}
+    for t in range(4)
+  ]
+  for rule, stats, hparams in (("fisher", fisher, {}), ("regmean", grams, {"alpha": 0.7})):
+    merged = rules.merge(rule, base, experts, statistics=stats, **hparams)
+    expected = ref.NUMPY_DATA[rule](base, experts, stats, **hparams)
+    for path, x in expected.items():
+      np.testing.assert_allclose(np.asarray(merged[path]), x, rtol=1e-4, atol=1e-6, err_msg=path)

@@ -1,4 +1,4 @@
-"""Data-free merge rules: pure functions `(base, experts, **hparams) -> merged params`.
+"""Merge rules: pure functions `(base, experts, **hparams) -> merged params`.
 
 Each rule is a few lines composed from `task_vectors` (algebra), `sparsify` (trim / random drop /
 Breadcrumbs / DELLA) and `combine` (sum, mean, sign election + disjoint merge), registered with a
@@ -11,13 +11,17 @@ Conventions:
 * `scale` (λ) and fractions (`density`, `gamma`, ...) may be traced: a sweep reuses one compile.
 * Random rules take an explicit `key`; masks come from one key per (expert, leaf path).
 * Rules that build one model per task (EMR, TALL masks) return a `TaskSpecificMerge`.
+* Data-dependent rules (Fisher merging, RegMean, RegMean++) take the experts' statistics as a
+  third argument, `(base, experts, statistics, **hparams)`; `mergejax.statistics` computes them
+  from a model and data, and `merge(..., statistics=...)` checks them against the parameters.
 
 Modules: `spec` (the registry), `averaging`, `sparse`, `grid`, `masks`, `geometric`, `spectral`
-(TSV, ISO), `magmax` (the rules),
-`task_specific` (per-task results), `front_door` (`merge`).
+(TSV, ISO), `magmax`, `fisher`, `regmean` (the rules), `statistics_check` (validation of the
+data-dependent rules' statistics), `task_specific` (per-task results), `front_door` (`merge`).
 """
 
 from mergejax.rules.averaging import task_arithmetic, task_negation, weight_average
+from mergejax.rules.fisher import fisher_merging
 from mergejax.rules.front_door import lower, merge
 from mergejax.rules.geometric import model_stock, slerp
 from mergejax.rules.grid import sparsify_combine
@@ -31,6 +35,7 @@ from mergejax.rules.masks import (
   tall_masks,
   tall_task_model,
 )
+from mergejax.rules.regmean import regmean, regmean_plusplus
 from mergejax.rules.sparse import (
   breadcrumbs,
   dare,
@@ -71,6 +76,7 @@ __all__ = [
   "della",
   "emr_merging",
   "emr_task_model",
+  "fisher_merging",
   "hparams_of",
   "iso_c",
   "iso_cts",
@@ -79,6 +85,8 @@ __all__ = [
   "merge",
   "model_stock",
   "register",
+  "regmean",
+  "regmean_plusplus",
   "slerp",
   "sparsify_combine",
   "tall_masks",

@@ -3,8 +3,9 @@
 One linear story: look up the rule's spec and validate the hyper-parameters; validate the inputs;
 pick the leaves to merge (floating leaves the patterns select; integer and bool leaves are never
 merged arithmetically: they must agree across the models and are copied from θ0); run the rule's
-host pre-pass where one helps (exact selection in NumPy on CPU); run the rule under a cached
-`jax.jit` whose scalar hyper-parameters are traced; put the unmerged leaves back.
+host pre-pass where one helps (exact selection in NumPy on CPU) or, for a data-dependent rule,
+validate its statistics against the merged leaves; run the rule under a cached `jax.jit` whose
+scalar hyper-parameters are traced; put the unmerged leaves back.
 
 The NaN/Inf checks ride along in the same jitted call instead of costing passes of their own:
 each merged leaf is "poisoned" (set to NaN where any model's entry is not finite, an elementwise
@@ -15,9 +16,7 @@ leaf and the model that holds the NaN or Inf, or the output leaf that overflowed
 
 from __future__ import annotations
 
-import difflib
 import functools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,9 +28,8 @@ from mergejax import selection
 from mergejax import tree as tree_lib
 from mergejax.distributed import layout as layout_lib
 from mergejax.distributed import spmd
+from mergejax.rules import leaf_subset
 from mergejax.rules import spec as spec_lib
-from mergejax.rules.averaging import weight_average
-from mergejax.rules.task_specific import SubsetTaskSpecific, TaskSpecificMerge
 from mergejax.tree import Params
 
 OTHERS = ("base", "average")
@@ -129,121 +127,6 @@ def _raise_non_finite(merged: Any, report: Any, base: Params, experts: Sequence[
   )
 
 
-# ------------------------------------------------------------------------------ leaf selection
-def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
-  if value is None:
-    return None
-  patterns = [value] if isinstance(value, str) else list(value)
-  for p in patterns:
-    if not isinstance(p, str):
-      raise TypeError(f"{name}: {p!r} is a {type(p).__name__}, not a regex string.")
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f"{name}: {p!r} is not a valid regex ({e}).") from None
-  return patterns or None
-
-
-def _check_patterns_match(name: str, patterns: list[str] | None, paths: list[str]) -> None:
-  """A pattern that matches no leaf is a typo: fail, showing leaf paths that look alike."""
-  for p in patterns or ():
-    compiled = re.compile(p)
-    if not any(compiled.fullmatch(path) for path in paths):
-      close = difflib.get_close_matches(p, paths, n=3, cutoff=0.4)
-      raise ValueError(
-        f"{name} pattern {p!r} matches no leaf (patterns match whole '/'-separated paths). "
-        f"Paths that look alike: {close}; some paths: {paths[:5]}."
-      )
-
-
-class _Selection:
-  """The leaves a merge works on, and how to put the others back."""
-
-  def __init__(self, base, experts, include, exclude, others, non_float):
-    self.full_base = base
-    self.flat_base = tree_lib.flatten(base)
-    paths = list(self.flat_base)
-    floats = {p for p, x in self.flat_base.items() if tree_lib.is_float(x)}
-    self.whole = include is None and exclude is None and len(floats) == len(paths)
-    self.cast_back = {
-      p: x.dtype for p, x in self.flat_base.items() if p in floats and _narrowed(x.dtype)
-    }
-    if self.whole:
-      self.base, self.experts = base, experts
-      return
-    _check_patterns_match("include", include, paths)
-    _check_patterns_match("exclude", exclude, paths)
-    predicate = tree_lib.path_predicate(include, exclude)
-    chosen = [p for p in paths if p in floats and predicate(p)]
-    if not chosen:
-      raise ValueError(
-        f"include={include!r}, exclude={exclude!r} select no floating leaf; paths look like "
-        f"{paths[:5]}."
-      )
-    self.flat_experts = [tree_lib.flatten(e) for e in experts]
-    _check_non_float(self.flat_base, self.flat_experts, floats, non_float)
-    # Flat {"a/b/c": leaf} dicts: their key paths spell the same "a/b/c" names, so per-leaf
-    # PRNG keys and masks are those of a whole-tree merge.
-    self.base = {p: self.flat_base[p] for p in chosen}
-    self.experts = [{p: e[p] for p in chosen} for e in self.flat_experts]
-    rest = {p: x for p, x in self.flat_base.items() if p not in self.base}
-    average = {p: x for p, x in rest.items() if p in floats} if others == "average" else {}
-    if average:
-      rest.update(weight_average(average, [{p: e[p] for p in average} for e in self.flat_experts]))
-    self.rest = rest
-
-  def rest_inputs(self) -> tuple[dict, list[dict]]:
-    """The unmerged floating leaves of every model (checked for NaN/Inf like merged ones)."""
-    if self.whole:
-      return {}, []
-    paths = [p for p in self.rest if tree_lib.is_float(self.flat_base[p])]
-    experts = [{p: e[p] for p in paths} for e in self.flat_experts]
-    return {p: self.flat_base[p] for p in paths}, experts
-
-  def reassemble(self, merged: Any) -> Any:
-    if isinstance(merged, TaskSpecificMerge):
-      return merged if self.whole else SubsetTaskSpecific(inner=merged, rest=self.rest)
-    if self.cast_back:  # float64 leaves were merged in float32 (jax x64 off): restore the dtype.
-      flat = tree_lib.flatten(merged)
-      for p, dtype in self.cast_back.items():
-        if p in flat:
-          flat[p] = np.asarray(flat[p]).astype(dtype)
-      merged = (
-        flat
-        if not self.whole
-        else jax.tree.unflatten(jax.tree.structure(merged), list(flat.values()))
-      )
-    if self.whole:
-      return merged
-    out = [merged[p] if p in merged else self.rest[p] for p in self.flat_base]
-    return jax.tree.unflatten(jax.tree.structure(self.full_base), out)
-
-
-def _narrowed(dtype: Any) -> bool:
-  return np.dtype(dtype) != np.dtype(jax.dtypes.canonicalize_dtype(dtype))
-
-
-def _check_non_float(flat_base, flat_experts, floats, non_float) -> None:
-  """Integer and bool leaves are copied from θ0; by default they must agree across models."""
-  if non_float == "base":
-    return
-  for path, b in flat_base.items():
-    if path in floats:
-      continue
-    b = np.asarray(b)
-    for i, e in enumerate(flat_experts):
-      x = np.asarray(e[path])
-      if not np.array_equal(b, x):
-        where = np.argwhere(b != x)
-        first = tuple(int(j) for j in where[0]) if where.size else ()
-        raise ValueError(
-          f"Leaf {path!r} ({b.dtype}) differs between base and experts[{i}] ({len(where)} "
-          f"entries, first at {first}: {b[first]} vs {x[first]}). Integer and bool leaves are "
-          "never merged arithmetically: make them equal, exclude nothing but fix the inputs, or "
-          "pass non_float='base' to copy the base's values."
-        )
-
-
 # ------------------------------------------------------------------------------ the front door
 def merge(
   rule_name: str,
@@ -257,6 +140,7 @@ def merge(
   check_finite: bool = True,
   jit: bool = True,
   mesh: Any = None,
+  statistics: Any = None,
   **hparams: Any,
 ) -> Any:
   """Validates the inputs and runs a registered rule (jit-compiled and cached).
@@ -280,6 +164,9 @@ def merge(
     jit: run under `jax.jit` (cached per rule and static options).
     mesh: None (one device), a `jax.sharding.Mesh` (each leaf split along its leading axis the
       device count divides, small leaves replicated) or a `distributed.LeafSharding`.
+    statistics: for data-dependent rules (Fisher merging, RegMean, RegMean++), one entry per
+      expert as `mergejax.statistics` computes them; checked against the parameters (leaf paths,
+      shapes, NaN/Inf) before the merge. Data-free rules take none.
     **hparams: the rule's keyword hyper-parameters (see `hparams_of(rule_name)`).
 
   Returns:
@@ -303,20 +190,26 @@ def merge(
 
   # 2. The inputs, and 3. the leaves to merge.
   tree_lib.check_compatible(base, experts)
-  part = _Selection(
+  part = leaf_subset.LeafSubset(
     base,
     experts,
-    _as_patterns("include", include),
-    _as_patterns("exclude", exclude),
+    leaf_subset.as_patterns("include", include),
+    leaf_subset.as_patterns("exclude", exclude),
     others,
     non_float,
   )
 
-  # 4. Host pre-pass (e.g. TIES's exact thresholds in NumPy on CPU), then the jitted rule. On a
-  # mesh: the leaves placed (each process reads its slices), the selection on the devices.
+  # 4. Host pre-pass (e.g. TIES's exact thresholds in NumPy on CPU) or, for a data-dependent
+  # rule, its validated statistics; then the jitted rule. On a mesh: the leaves placed (each
+  # process reads its slices), the selection on the devices.
   static, traced = rule.split(full)
+  stats = _data_statistics(rule, base, part, statistics, full, len(experts), check_finite)
   layout = as_layout(mesh)
   if layout is not None:
+    if stats is not None:
+      raise NotImplementedError(
+        f"Rule {rule.name!r} is data-dependent and runs on one device: call merge without mesh=."
+      )
     args = (layout.place(part.base), [layout.place(e) for e in part.experts], None, traced)
     merged, report = _sharded(rule.fn, static, check_finite, layout, args)(*args)
     if check_finite:
@@ -325,7 +218,6 @@ def merge(
       if rest_base:
         _check_inputs(rest_base, rest_experts)
     return part.reassemble(merged)
-  stats = None
   if rule.prepare is not None and selection.prefer_host(part.base, part.experts):
     try:
       stats = rule.prepare(part.base, part.experts, **full)
@@ -333,7 +225,7 @@ def merge(
       if check_finite:  # A NaN can break the pre-pass: say where it is rather than how it broke.
         _check_inputs(part.base, part.experts)
       raise
-  fn = rule.fn if stats is None else rule.with_stats
+  fn = rule.fn if stats is None or rule.data_dependent else rule.with_stats
   key = (fn, tuple(sorted(static.items())), stats is not None, check_finite)
   run = _compiled(*key) if jit else _checked(fn, static, stats is not None, check_finite)
   merged, report = run(part.base, part.experts, stats, traced)
@@ -345,6 +237,31 @@ def merge(
     if rest_base:
       _check_inputs(rest_base, rest_experts)
   return part.reassemble(merged)
+
+
+def _data_statistics(rule, base, part, statistics, full, num_experts, check_finite) -> Any:
+  """A data-dependent rule's statistics, validated and restricted to the merged leaves."""
+  if not rule.data_dependent:
+    if statistics is not None:
+      raise TypeError(f"Rule {rule.name!r} is data-free: it takes no statistics.")
+    return None
+  if statistics is None:
+    raise ValueError(
+      f"Rule {rule.name!r} is data-dependent: pass statistics=[one per expert], computed with "
+      "mergejax.statistics (fisher_statistics, regmean_statistics, "
+      "regmean_plusplus_statistics) from a model and data, or loaded with "
+      "mergejax.statistics.load."
+    )
+  selected = tree_lib.flatten(part.base)
+  kept = rule.statistics(base, selected, statistics, full, num_experts)
+  if check_finite:  # Only the statistics the merge reads; names the expert and the leaf.
+    for t, entry in enumerate(kept):
+      tree_lib.check_finite(
+        entry,
+        name=f"statistics[{t}]",
+        hint="the statistics were computed from a diverged model or bad inputs; recompute them",
+      )
+  return kept
 
 
 def _check_inputs(base: Params, experts: Sequence[Params]) -> None:
@@ -360,6 +277,7 @@ def lower(
   *,
   check_finite: bool = True,
   mesh: Any = None,
+  statistics: Any = None,
   **hparams,
 ):
   """Returns `jax.stages.Lowered` of the program `merge` runs (for compile-time and memory studies).
@@ -369,7 +287,8 @@ def lower(
     base: pre-trained parameters θ0.
     experts: fine-tuned models θt.
     check_finite: lower the program with the fused NaN/Inf checks (as `merge` runs by default).
-    mesh: as for `merge` (whole trees only).
+    mesh: as for `merge` (whole trees only; data-free rules).
+    statistics: a data-dependent rule's statistics (as for `merge`).
     **hparams: the rule's hyper-parameters.
 
   Returns:
@@ -384,8 +303,11 @@ def lower(
     args = (layout.place(base), [layout.place(e) for e in experts], None, traced)
     return _sharded(rule.fn, static, check_finite, layout, args).lower(*args)
   stats = None
+  if rule.data_dependent or statistics is not None:
+    whole = leaf_subset.LeafSubset(base, list(experts), None, None, "base", "base")
+    stats = _data_statistics(rule, base, whole, statistics, full, len(experts), check_finite)
   if rule.prepare is not None and selection.prefer_host(base, experts):
     stats = rule.prepare(base, list(experts), **full)
-  fn = rule.fn if stats is None else rule.with_stats
+  fn = rule.fn if stats is None or rule.data_dependent else rule.with_stats
   run = _compiled(fn, tuple(sorted(static.items())), stats is not None, check_finite)
   return run.lower(base, list(experts), stats, traced)

@@ -187,6 +187,11 @@ class RuleSpec:
       holding leaf i alone. Rules without a `prepare` need none (`mergejax.streaming`).
     check: optional cross-parameter check `check(hparams, num_experts)` raising ValueError.
     min_experts / max_experts: how many experts the rule takes.
+    statistics: set for data-dependent rules (Fisher merging, RegMean), whose `fn` takes the
+      experts' statistics as a third positional argument, `fn(base, experts, statistics,
+      **hparams)`: `statistics(base, selected, stats, hparams, num_experts)` validates the
+      caller's statistics (one per expert) against the full `base` and the merged leaves
+      `selected` ({"a/b/c": leaf}) on the host, and returns them restricted to those leaves.
   """
 
   name: str
@@ -199,11 +204,20 @@ class RuleSpec:
   min_experts: int = 1
   max_experts: int | None = None
   stream_stats: Callable[..., Any] | None = None
+  statistics: Callable[..., Any] | None = None
 
-  def __call__(self, base: Any, experts: Any, **hparams: Any) -> Any:
-    """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`)."""
+  def __call__(self, base: Any, experts: Any, *statistics: Any, **hparams: Any) -> Any:
+    """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`).
+
+    Data-dependent rules take their statistics as a third positional argument.
+    """
     defaults = {k: v for k, v in self.defaults.items() if k not in hparams}
-    return self.fn(base, experts, **defaults, **hparams)
+    return self.fn(base, experts, *statistics, **defaults, **hparams)
+
+  @property
+  def data_dependent(self) -> bool:
+    """Whether the rule needs statistics computed from data (`rules.merge(statistics=...)`)."""
+    return self.statistics is not None
 
   @property
   def is_random(self) -> bool:
@@ -271,6 +285,7 @@ def register(
   min_experts: int = 1,
   max_experts: int | None = None,
   stream_stats: Callable[..., Any] | None = None,
+  statistics: Callable[..., Any] | None = None,
   **hparams: HParam,
 ) -> RuleSpec:
   """Registers a rule: `fn` and one `HParam` per keyword-only hyper-parameter of `fn`.
@@ -285,6 +300,7 @@ def register(
     min_experts: fewest experts the rule accepts.
     max_experts: most experts the rule accepts (None: any number).
     stream_stats: optional out-of-core pre-pass (needs `with_stats`), see `RuleSpec`.
+    statistics: for a data-dependent rule, the validator of its statistics, see `RuleSpec`.
     **hparams: `{name: HParam}`; must name exactly `fn`'s keyword-only parameters.
 
   Returns:
@@ -310,6 +326,8 @@ def register(
     raise TypeError(f"register({name!r}): pass both prepare= and with_stats=, or neither.")
   if stream_stats is not None and with_stats is None:
     raise TypeError(f"register({name!r}): stream_stats= feeds with_stats=; pass both.")
+  if statistics is not None and prepare is not None:
+    raise TypeError(f"register({name!r}): a data-dependent rule takes no prepare= pre-pass.")
   spec = RuleSpec(
     name=name,
     fn=fn,
@@ -321,6 +339,7 @@ def register(
     min_experts=min_experts,
     max_experts=max_experts,
     stream_stats=stream_stats,
+    statistics=statistics,
   )
   REGISTRY[name] = spec
   return spec

@@ -14,8 +14,9 @@ import numpy as np
 from mergejax import leafwise, sparsify
 from mergejax import tree as tree_lib
 from mergejax.distributed import hosts, spmd
-from mergejax.rules import front_door
+from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
+from mergejax.rules.averaging import weight_average
 from mergejax.rules.task_specific import TaskSpecificMerge
 from mergejax.streaming.programs import (
   _EXECUTABLES,
@@ -72,6 +73,11 @@ class StreamingMerge:
     self.timings = Timings()
     self._started = started
     self.rule = spec_lib.get(rule_name)
+    if self.rule.data_dependent:
+      raise ValueError(
+        f"Rule {rule_name!r} is data-dependent (its statistics weigh whole layers): it merges in "
+        "memory, with rules.merge(..., statistics=...) (from disk: config.engine='memory')."
+      )
     self.experts, self.base = list(experts), dict(base)
     if not self.experts:
       raise ValueError("A merge needs at least one expert.")
@@ -85,8 +91,8 @@ class StreamingMerge:
     self.layout = front_door.as_layout(mesh)
     self.budget = default_budget_bytes() if memory_budget is None else int(memory_budget)
     self._select(
-      front_door._as_patterns("include", include),
-      front_door._as_patterns("exclude", exclude),
+      leaf_subset.as_patterns("include", include),
+      leaf_subset.as_patterns("exclude", exclude),
       non_float,
     )
     self.static, traced = self.rule.split(self.full)
@@ -106,8 +112,8 @@ class StreamingMerge:
   def _select(self, include, exclude, non_float) -> None:
     paths = list(self.base)
     floats = {p for p, x in self.base.items() if tree_lib.is_float(x)}
-    front_door._check_patterns_match("include", include, paths)
-    front_door._check_patterns_match("exclude", exclude, paths)
+    leaf_subset.check_patterns_match("include", include, paths)
+    leaf_subset.check_patterns_match("exclude", exclude, paths)
     predicate = tree_lib.path_predicate(include, exclude)
     self.merged_paths = [p for p in paths if p in floats and predicate(p)]
     if not self.merged_paths:
@@ -115,7 +121,7 @@ class StreamingMerge:
     whole = include is None and exclude is None and len(floats) == len(paths)
     if not whole:  # rules.merge merges a flat {path: leaf} dict then: its (sorted) leaf order.
       self.merged_paths.sort()
-    front_door._check_non_float(self.base, self.experts, floats, non_float)
+    leaf_subset.check_non_float(self.base, self.experts, floats, non_float)
     self.index = {p: i for i, p in enumerate(self.merged_paths)}
     self.rest_floats = [p for p in paths if p in floats and p not in self.index]
 
@@ -349,7 +355,7 @@ class StreamingMerge:
       if self.check:
         front_door._check_inputs({path: x}, [{path: e[path]} for e in self.experts])
       if self.others == "average":
-        x = front_door.weight_average({path: x}, [{path: e[path]} for e in self.experts])[path]
+        x = weight_average({path: x}, [{path: e[path]} for e in self.experts])[path]
     x = np.asarray(x)
     return x if not tree_lib.is_float(x) else x.astype(self.output_dtype(path))
 

@@ -1,4 +1,4 @@
-"""NumPy restatements of the data-free rules, for tests and benchmarks (not for merging).
+"""NumPy restatements of the rules, for tests and benchmarks (not for merging).
 
 Each function takes flat `{path: np.ndarray}` trees and follows the rule's definition at its paper
 defaults, written independently of mergejax's JAX code (loops over leaves, `np.partition` for the
@@ -7,7 +7,8 @@ rule's name to its reference; tests/numpy_reference_test.py checks each against 
 launch/bench_rules.py times them against mergejax.
 
 The random rules (DARE, DARE-TIES) draw their own masks from NumPy's generator: compare them by
-statistics (kept fraction, norms), not element by element.
+statistics (kept fraction, norms), not element by element. The data-dependent rules' references
+(`NUMPY_DATA`) also take the statistics, one dict per expert with flat `{path: array}` trees.
 """
 
 import numpy as np
@@ -194,4 +195,40 @@ NUMPY = {
   "tsv_m": lambda b, e, scale: _np_spectral(b, e, scale, np_tsv_m),
   "iso_c": lambda b, e, scale: _np_spectral(b, e, scale, np_iso_c),
   "iso_cts": lambda b, e, scale: _np_spectral(b, e, scale, np_iso_cts),
+}
+
+
+def np_fisher(base, experts, statistics, min_weight=1e-6):
+  """Fisher merging with FusionBench's weights: F + ε, coefficients 1/(‖Ft‖ + ε), normalized."""
+  fishers = [s["fisher"] for s in statistics]
+  norms = [
+    np.sqrt(sum(float(np.sum(np.square(f[p], dtype=np.float64))) for p in base)) for f in fishers
+  ]
+  coeffs = np.array([1.0 / (n + min_weight) for n in norms])
+  coeffs = coeffs / coeffs.sum() / len(experts)
+  out = {}
+  for p in base:
+    weights = [c * (f[p] + min_weight) for c, f in zip(coeffs, fishers, strict=True)]
+    out[p] = sum(w * e[p] for w, e in zip(weights, experts, strict=True)) / sum(weights)
+  return out
+
+
+def np_regmean(base, experts, statistics, alpha):
+  """RegMean: per kernel with a Gram matrix (Σ G̃t)⁻¹ Σ G̃t Wt, the experts' mean elsewhere."""
+  out = {}
+  for p, b in base.items():
+    if p not in statistics[0]["grams"]:
+      out[p] = sum(e[p] for e in experts) / len(experts)
+      continue
+    grams = [s["grams"][p] for s in statistics]
+    grams = [alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in grams]
+    d_in = grams[0].shape[0]
+    rhs = sum(g @ e[p].reshape(d_in, -1) for g, e in zip(grams, experts, strict=True))
+    out[p] = np.linalg.solve(sum(grams), rhs).reshape(b.shape)
+  return out
+
+
+NUMPY_DATA = {
+  "fisher": np_fisher,
+  "regmean": np_regmean,
 }
