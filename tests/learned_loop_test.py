@@ -18,7 +18,8 @@ from absl.testing import absltest, parameterized
 
 from configs.learned import adamerging
 from mergejax.benchmarks import synthetic
-from mergejax.learned import loop, objectives, parametrizations
+from mergejax.learned import evaluation, loop, objectives, parametrizations
+from mergejax.learned import problem as learned_problem
 from mergejax.learned import step as step_lib
 
 _SAVED_FLAG = None
@@ -182,6 +183,37 @@ class TrainStepTest(parameterized.TestCase):
     np.testing.assert_allclose(m_scanned["task_losses"], m_unrolled["task_losses"], rtol=1e-5)
     np.testing.assert_allclose(scanned.coeffs, unrolled.coeffs, rtol=1e-4, atol=1e-6)
     self.assertFalse(np.allclose(scanned.coeffs, coeffs))
+
+  def test_a_traced_task_index_gives_the_switch_path_results(self):
+    # Per-task heads indexed by a Python int (one lax.switch branch per task) or by the traced
+    # index (one program for all): equal losses and updates; the evaluator traces once.
+    problem = _problem()
+    basis = _basis(problem)
+    scaling = parametrizations.blockwise_scaling(
+      parametrizations.make_blocks(problem.base, granularity="layer")
+    )
+    opt = optax.sgd(1.0)
+    classes = problem.test[0]["y"].max() + 1
+    heads = jax.random.normal(jax.random.key(3), (len(problem.experts), 4, 4))[:, :classes, :]
+
+    def apply(params, x, task):  # Task 0's logits, read out by a per-task linear head.
+      return problem.apply_fn(params, x, 0) @ heads[task]
+
+    data = tuple({"x": d["x"]} for d in problem.test)
+    coeffs = scaling.init(problem.base, basis)
+    results = []
+    for fn in (apply, learned_problem.TracedTaskApply(apply)):
+      step = step_lib.make_train_step(fn, scaling, objectives.entropy(), opt, batch_size=8)
+      results.append(step(_state(coeffs, opt), problem.base, basis, data))
+    (switched, m_switched), (traced, m_traced) = results
+    np.testing.assert_allclose(m_switched["task_losses"], m_traced["task_losses"], rtol=1e-6)
+    np.testing.assert_allclose(switched.coeffs, traced.coeffs, rtol=1e-6, atol=1e-7)
+    self.assertFalse(np.allclose(traced.coeffs, coeffs))
+    once = learned_problem.TracedTaskApply(chex.assert_max_traces(apply, n=1))
+    metrics = evaluation.make_evaluator(once).metrics(problem.base, problem.val)
+    expected = evaluation.make_evaluator(apply).metrics(problem.base, problem.val)
+    for got, want in zip(metrics, expected, strict=True):
+      np.testing.assert_allclose(got["accuracy"], want["accuracy"])
 
   def test_entropy_decreases_and_coefficients_stay_clamped(self):
     state, _, losses = self._step(use_mgda=False)

@@ -3,7 +3,8 @@
 * `methods`: the registry `METHODS` ("coefficients", "dv_basi"), `run(problem, config)`;
   AdaMerging, AdaMerging++, aTLAS and DV-BASI are recipes (configs/learned/*.py).
 * `problem`: `LearnProblem` (what a method takes), `LearnedMerge` (what it returns),
-  `CompileCache` (explicit compile reuse across runs).
+  `CompileCache` (explicit compile reuse across runs), `TracedTaskApply` (an apply_fn that takes
+  a traced task index: one program for every task).
 * `parametrizations`: `Parametrization(init, merge, project)`; `blockwise_scaling` is
   θ0 + Σ_k Λ_k ⊙ v_k with one Λ per basis vector and block.
 * `objectives`: entropy, cross-entropy, aTLAS's UFM, ... built by `objectives.make(spec)`.
@@ -16,7 +17,13 @@
 
 from mergejax.learned.methods import METHODS, coefficients, dv_basi, run
 from mergejax.learned.parametrizations import Parametrization, blockwise_scaling, make_blocks
-from mergejax.learned.problem import CompileCache, LearnedMerge, LearnProblem
+from mergejax.learned.problem import (
+  CompileCache,
+  LearnedMerge,
+  LearnProblem,
+  TracedTaskApply,
+  traced_task,
+)
 
 __all__ = [
   "METHODS",
@@ -24,9 +31,11 @@ __all__ = [
   "LearnProblem",
   "LearnedMerge",
   "Parametrization",
+  "TracedTaskApply",
   "blockwise_scaling",
   "coefficients",
   "dv_basi",
   "make_blocks",
   "run",
+  "traced_task",
 ]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import losses
+from mergejax.learned.problem import traced_task
 from mergejax.tree import Params
 
 Batch = dict[str, jax.Array]
@@ -38,14 +39,18 @@ def make_evaluator(apply_fn: ApplyFn, *, eval_batch_size: int = 512) -> Evaluato
   """Returns the `Evaluator` of `apply_fn`.
 
   Args:
-    apply_fn: `logits = apply_fn(params, x, task_index)`, task_index a Python int.
+    apply_fn: `logits = apply_fn(params, x, task_index)`, task_index a Python int (or traced,
+      for a `TracedTaskApply`).
     eval_batch_size: examples per forward pass.
 
   Returns:
     The evaluator (host-side loop over tasks and chunks; jitted forward).
   """
 
-  @functools.partial(jax.jit, static_argnums=2)
+  # One compilation per task, or one for all when apply_fn takes a traced task index.
+  static = () if traced_task(apply_fn) else (2,)
+
+  @functools.partial(jax.jit, static_argnums=static)
   def chunk_sums(params, batch, task):
     logits = apply_fn(params, batch["x"], task)
     n = logits.shape[0]
@@ -55,7 +60,7 @@ def make_evaluator(apply_fn: ApplyFn, *, eval_batch_size: int = 512) -> Evaluato
       sums["accuracy"] = losses.accuracy(logits, batch["y"]) * n
     return sums
 
-  forward = jax.jit(apply_fn, static_argnums=2)
+  forward = jax.jit(apply_fn, static_argnums=static)
 
   def chunks(task_data):
     n = _num_examples(task_data)

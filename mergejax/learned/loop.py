@@ -177,6 +177,10 @@ def train(
   )
   if placement is not None:  # Restored checkpoints land on this mesh, whatever they were saved on.
     state = placement.replicated(state)
+  else:
+    # Committed to the device, as the step's outputs are: jit keys its executables on whether
+    # the inputs are committed, so an uncommitted first state would compile the step twice.
+    state = jax.device_put(state, jax.devices()[0])
   history = {"loss": [], "eval": []}
 
   # 2. Resume.

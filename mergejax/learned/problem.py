@@ -4,7 +4,11 @@ caller-owned `CompileCache` that lets runs share compilations explicitly.
 Conventions:
 
 * `apply_fn(backbone_params, x, task_index) -> logits`: heads are closed over and frozen; only the
-  backbone is merged. `task_index` is a Python int.
+  backbone is merged. `task_index` is a Python int, so the training step holds one program per
+  task (a `lax.switch`) and the evaluator compiles once per task. An apply_fn that also takes a
+  traced int32 index (e.g. it picks its head from stacked heads with it) says so by being wrapped
+  in `TracedTaskApply`: the step then runs one program for every task, which compiles in a
+  fraction of the time.
 * `base` (θ0) and `experts` are backbone parameter trees (plain nested dicts of arrays).
 * `splits` maps "train", "validation", "test" to per-task dicts {"x": [n, ...], "y": [n]}. A
   method adapts on `splits[config.adapt_split]` and selects on "validation"; it reads "test"
@@ -12,6 +16,7 @@ Conventions:
   never see "y"), and then its result says `transductive=True`.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -24,6 +29,31 @@ Batch = dict[str, jax.Array]
 ApplyFn = Callable[[Params, jax.Array, int], jax.Array]
 # x' = augment(key, x, view): view is "weak" or "strong" (a static string); jit-compatible.
 Augment = Callable[[jax.Array, jax.Array, str], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedTaskApply:
+  """An apply_fn whose task index may be a traced int32 scalar (not only a Python int).
+
+  >>> import jax.numpy as jnp
+  >>> heads = jnp.array([[1.0], [-1.0]])  # Two tasks' heads, stacked.
+  >>> apply = TracedTaskApply(lambda params, x, task: x @ params + heads[task])
+  >>> apply(jnp.ones((1, 1)), jnp.ones((2, 1)), 1).tolist()
+  [[0.0], [0.0]]
+
+  Attributes:
+    fn: `logits = fn(params, x, task_index)`, valid for a traced `task_index`.
+  """
+
+  fn: Callable[[Params, jax.Array, Any], jax.Array]
+
+  def __call__(self, params: Params, x: jax.Array, task: Any) -> jax.Array:
+    return self.fn(params, x, task)
+
+
+def traced_task(apply_fn: Callable[..., jax.Array]) -> bool:
+  """Whether `apply_fn` takes a traced task index (it is a `TracedTaskApply`)."""
+  return isinstance(apply_fn, TracedTaskApply)
 
 
 class LearnProblem(NamedTuple):

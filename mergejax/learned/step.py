@@ -19,7 +19,7 @@ import optax
 
 from mergejax.learned import evaluation, mgda, objectives
 from mergejax.learned.parametrizations import Parametrization
-from mergejax.learned.problem import Augment
+from mergejax.learned.problem import Augment, traced_task
 from mergejax.learned.sharding import Placement
 from mergejax.tree import Params
 
@@ -204,16 +204,20 @@ def make_train_step(
       return None if aug_key is None else jax.random.fold_in(aug_key, t)
 
     if _same_shapes(batches):
-      # Tasks run one after another in a scan (lax.switch picks the head), so one task's
-      # buffers and one running θ cotangent are alive at a time. Unrolled, XLA's CPU scheduler
-      # keeps every task's weight gradients alive at once (~0.5 θ per extra task).
+      # Tasks run one after another in a scan (lax.switch picks the head, unless apply_fn takes
+      # the traced index itself), so one task's buffers and one running θ cotangent are alive at
+      # a time. Unrolled, XLA's CPU scheduler keeps every task's weight gradients alive at once
+      # (~0.5 θ per extra task).
       branches = [functools.partial(task_loss, t) for t in range(len(batches))]
+
+      def one_task(t, p, batch, key):
+        if traced_task(apply_fn):
+          return task_loss(t, p, batch, key)
+        return jax.lax.switch(t, branches, p, batch, key)
 
       def body(total, xs):
         t, batch = xs
-        loss, task_vjp = jax.vjp(
-          lambda p: jax.lax.switch(t, branches, p, batch, task_key(t)), params
-        )
+        loss, task_vjp = jax.vjp(lambda p: one_task(t, p, batch, task_key(t)), params)
         (cotangent,) = task_vjp(jnp.ones_like(loss))
         if use_mgda:
           return total, (loss, merge_vjp(cotangent)[0])

@@ -31,7 +31,6 @@ What a runner needs:
 
 import dataclasses
 import time
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -41,7 +40,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from mergejax import finetune
+from mergejax import finetune, learned
 from mergejax.benchmarks.common import zoo_cache
 from mergejax.benchmarks.common.data import TaskData
 from mergejax.benchmarks.synthvision import data as data_lib
@@ -224,16 +223,22 @@ class Zoo:
       self._fns[("forward", mode)] = lambda b, h, x: apply(b, h, training.pixels(x))
     return self._fns[("forward", mode)]
 
-  def apply_fn(self, mode: str = "standard") -> Callable[[Params, jax.Array, int], jax.Array]:
+  def apply_fn(self, mode: str = "standard") -> learned.TracedTaskApply:
     """Returns `apply(backbone, x, task_index) -> logits` with task `task_index`'s frozen head.
 
     For mode "linearized" the forward pass is the first-order Taylor model around θ0 (use it for
-    linearized experts and their merges). `task_index` is a Python int, as the learned loop
-    passes it. One function per mode, so callers that cache jitted code on it share compiles.
+    linearized experts and their merges). The head is picked from the stacked heads, so
+    `task_index` may be a Python int or a traced int32 (`learned.TracedTaskApply`: the learned
+    loop then compiles one program for all tasks). One function per mode, so callers that cache
+    jitted code on it share compiles.
     """
     if ("apply", mode) not in self._fns:
-      forward, heads = self._forward(mode), self.heads
-      self._fns[("apply", mode)] = lambda backbone, x, task: forward(backbone, heads[task], x)
+      forward, heads = self._forward(mode), self.stacked_heads
+
+      def apply(backbone, x, task):
+        return forward(backbone, jax.tree.map(lambda h: h[task], heads), x)
+
+      self._fns[("apply", mode)] = learned.TracedTaskApply(apply)
     return self._fns[("apply", mode)]
 
   def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
