@@ -30,7 +30,13 @@ def test_smoke_run(tmp_path):
     assert np.isfinite(r["norm"])
   # Learned rows: one per method and mode; exactly the recipes that adapt on test inputs are
   # transductive, and their label carries the mark.
-  transductive = {"adamerging_taskwise", "adamerging", "adamerging_plus", "dv_basi_unsupervised"}
+  transductive = {
+    "adamerging_taskwise",
+    "adamerging",
+    "adamerging_plus",
+    "atlas_unsupervised",
+    "dv_basi_unsupervised",
+  }
   for name in learned:
     label = config.learned.methods[name].label  # The recipe names its row.
     expected = name in transductive

@@ -93,7 +93,7 @@ class RecipesTest(parameterized.TestCase):
     ("adamerging_taskwise", adamerging_taskwise, "coefficients", "test", "task", 0.3),
     ("adamerging_plus", adamerging_plus, "coefficients", "test", "layer", 0.3),
     ("atlas", atlas, "coefficients", "validation", "layer", 0.0),
-    ("atlas_unsupervised", atlas_unsupervised, "coefficients", "train", "layer", 0.0),
+    ("atlas_unsupervised", atlas_unsupervised, "coefficients", "test", "layer", 0.0),
     ("dv_basi", dv_basi, "dv_basi", "validation", "layer", 0.1),
     ("dv_basi_unsupervised", dv_basi_unsupervised, "dv_basi", "test", "layer", 0.1),
   )
@@ -215,8 +215,10 @@ class MethodsTest(absltest.TestCase):
     self.assertEqual(learned.run(problem, config).coeffs.shape, (3, 1))
     config = atlas_unsupervised.get_config("runlocal")
     result = learned.run(problem, config)
-    self.assertFalse(result.transductive)
+    self.assertTrue(result.transductive)  # The reference adapts on the unlabeled test inputs.
     self.assertTrue(result.history["eval"])
+    config.adapt_split = "train"
+    self.assertFalse(learned.run(problem, config).transductive)
 
   def test_unknown_method_is_reported(self):
     config = atlas.get_config("runlocal")

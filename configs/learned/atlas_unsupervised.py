@@ -1,10 +1,12 @@
-r"""aTLAS unsupervised (UFM, `learn_ufm.py` in fredzzhang/atlas) on unlabeled train inputs.
+r"""aTLAS unsupervised (UFM, `learn_ufm.py` in fredzzhang/atlas) on unlabeled test inputs.
 
 Targets from a weak view (trusted examples: each class's top-k by the initial model's confidence,
 labeled with its argmax; other examples: the weak view's softmax), cross-entropy on a strong view,
 counted where the target's confidence exceeds 0.99, divided by the number counted. The problem
-supplies the views (`LearnProblem.augment`). The best epoch is chosen by validation entropy (no
-labels used anywhere). Not transductive: the reference adapts on the test split, here on train.
+supplies the views (`LearnProblem.augment`). Transductive, as the reference: it adapts on the
+unlabeled test split (`--config.adapt_split=train` adapts on training inputs instead). The best
+epoch is chosen by validation entropy (no labels used anywhere; the reference picks by labeled
+validation accuracy).
 `--config.objective.trusted=all` runs the reference script as it executes (every example trusted).
 The former same-view loss is objective dict(name="pseudo_label", threshold=0.99).
 
@@ -22,7 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = atlas.get_config(arg)
   config.label = "aTLAS (unsupervised)"
   config.table_rank = 50
-  config.adapt_split = "train"
+  config.adapt_split = "test"
   config.objective = dict(
     name="ufm", threshold=0.99, trusted="top_k", trusted_fraction=0.1, max_trusted_per_class=100
   )
