@@ -68,6 +68,7 @@ def learned_rows(
   *,
   mode: str,
   seed: int,
+  cache: learned.CompileCache | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Runs every recipe of `learned_config.run` on `problem`.
 
@@ -79,13 +80,15 @@ def learned_rows(
     expert_test: the experts' test accuracies.
     mode: the experts' fine-tuning mode (the rows' "experts" column).
     seed: the run's seed; each recipe runs once per offset in `learned_config.seeds`.
+    cache: compilations to share (valid for `problem.apply_fn` and `augment`, e.g. across
+      seeds whose problems differ only in their arrays); None: a new one.
 
   Returns:
     (rows, {"results": {name: first run's LearnedMerge (params dropped)}, "recipes": {label:
     text}, "timing": {key: seconds}}).
   """
-  # One cache per problem: recipes that agree on a step's config share its compilation.
-  cache = learned.CompileCache()
+  # Recipes that agree on a step's config share its compilation.
+  cache = learned.CompileCache() if cache is None else cache
   rows, results, recipes, timing = [], {}, {}, {}
   for name in tqdm.tqdm(learned_config.run, desc=f"learned merging ({mode})", leave=False):
     start = time.time()

@@ -51,19 +51,24 @@ def augment(key: jax.Array, x: jax.Array, view: str) -> jax.Array:
   return jnp.clip(jnp.where(erased, mean, x), -0.5, 0.5)
 
 
-def problem(zoo: zoo_lib.Zoo, mode: str, expert_val: Sequence[float]) -> learned.LearnProblem:
+def problem(
+  zoo: zoo_lib.Zoo, mode: str, expert_val: Sequence[float], apply_fn=None
+) -> learned.LearnProblem:
   """The merging problem of `mode`'s experts: frozen per-task heads, all three splits.
 
   Args:
     zoo: the zoo.
     mode: the experts' fine-tuning mode (also the forward pass: "linearized" is the Taylor model).
     expert_val: the experts' own validation accuracies (the selection reference).
+    apply_fn: another zoo's `apply_fn(mode)` to use (one with the same heads and, for
+      "linearized", the same θ0: every seed's zoo qualifies), so that compilations made for it
+      can be reused; None: this zoo's.
 
   Returns:
     The `LearnProblem`.
   """
   return learned.LearnProblem(
-    apply_fn=zoo.apply_fn(mode),
+    apply_fn=zoo.apply_fn(mode) if apply_fn is None else apply_fn,
     base=zoo.base,
     experts=zoo.experts[mode],
     splits=zoo.learned_splits(),

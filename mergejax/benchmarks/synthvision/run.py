@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
 
-from mergejax import provenance, rules
+from mergejax import learned, provenance, rules
 from mergejax import task_vectors as tv_lib
 from mergejax import tree as tree_lib
 from mergejax.benchmarks.common import evaluate, learned_table, merge_table, plots
@@ -40,12 +41,16 @@ from mergejax.benchmarks.synthvision import zoo as zoo_lib
 _row = evaluate.result_row
 
 
-def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
+def run_seed(
+  config: ml_collections.ConfigDict, seed: int, shared: dict[str, Any] | None = None
+) -> dict[str, Any]:
   """Phases 1-5 for one seed.
 
   Args:
     config: configs/benchmark.py's config.
     seed: the seed of the experts, the multi-task model and the learned methods.
+    shared: state kept across seeds: per mode, the first zoo's apply_fn and the learned methods'
+      compilations (every seed shares θ0 and the heads, so its programs are the same).
 
   Returns:
     {"seed", "rows", "regime": {"values", "details"}, "references", "zoo", "curves", "cosine",
@@ -109,14 +114,16 @@ def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
         "seconds": round(time.time() - rule_start, 2),
       }
     if config.learned.enabled and mode in (config.learned.modes or modes):
+      apply_fn, cache = _shared_compiles(shared, zoo, mode)
       mode_rows, info = learned_table.learned_rows(
         config.learned,
-        learned_lib.problem(zoo, mode, expert_val[mode]),
+        learned_lib.problem(zoo, mode, expert_val[mode], apply_fn=apply_fn),
         accuracy,
         expert_val[mode],
         expert_test[mode],
         mode=mode,
         seed=seed,
+        cache=cache,
       )
       rows.extend(mode_rows)
       selection.update(info["timing"])
@@ -149,6 +156,29 @@ def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
   }
 
 
+def _shared_compiles(shared, zoo, mode):
+  """(apply_fn, CompileCache) of `mode` shared with earlier seeds whose heads and θ0 are equal."""
+  if shared is None:
+    return None, None
+  entry = shared.get(mode)
+  same = entry is not None and all(
+    np.array_equal(a, b)
+    for a, b in zip(
+      jax.tree.leaves((entry["heads"], entry["base"])),
+      jax.tree.leaves((zoo.heads, zoo.base)),
+      strict=True,
+    )
+  )
+  if not same:
+    entry = shared[mode] = {
+      "apply_fn": zoo.apply_fn(mode),
+      "cache": learned.CompileCache(),
+      "heads": zoo.heads,
+      "base": zoo.base,
+    }
+  return entry["apply_fn"], entry["cache"]
+
+
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Runs the benchmark over `config.seeds` and writes results.json, results.md and the plots.
 
@@ -162,7 +192,8 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
   started = time.time()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  per_seed = [run_seed(config, seed) for seed in config.seeds]
+  shared: dict[str, Any] = {}
+  per_seed = [run_seed(config, seed, shared) for seed in config.seeds]
   first = per_seed[0]
   tasks = list(config.data.tasks)
 
