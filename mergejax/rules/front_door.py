@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax import selection
+from mergejax import lapack_threads, selection
 from mergejax import tree as tree_lib
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
@@ -288,7 +288,11 @@ def merge(
   fn = rule.fn if stats is None else rule.with_stats
   key = (fn, tuple(sorted(static.items())), stats is not None, check_finite)
   run = _compiled(*key) if jit else _checked(fn, static, stats is not None, check_finite)
-  merged, report = run(part.base, part.experts, stats, traced)
+  if rule.lapack:  # One BLAS thread under XLA's concurrent LAPACK calls (see lapack_threads).
+    with lapack_threads.single_threaded_blas():
+      merged, report = jax.block_until_ready(run(part.base, part.experts, stats, traced))
+  else:
+    merged, report = run(part.base, part.experts, stats, traced)
 
   # 5. The checks (unmerged leaves included), then the unmerged leaves.
   if check_finite:

@@ -187,6 +187,8 @@ class RuleSpec:
       holding leaf i alone. Rules without a `prepare` need none (`mergejax.streaming`).
     check: optional cross-parameter check `check(hparams, num_experts)` raising ValueError.
     min_experts / max_experts: how many experts the rule takes.
+    lapack: the rule runs LAPACK kernels (SVD, eigh); merges run it with one BLAS thread
+      (`mergejax.lapack_threads`: XLA runs LAPACK calls concurrently on its own threads).
   """
 
   name: str
@@ -199,6 +201,7 @@ class RuleSpec:
   min_experts: int = 1
   max_experts: int | None = None
   stream_stats: Callable[..., Any] | None = None
+  lapack: bool = False
 
   def __call__(self, base: Any, experts: Any, **hparams: Any) -> Any:
     """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`)."""
@@ -271,6 +274,7 @@ def register(
   min_experts: int = 1,
   max_experts: int | None = None,
   stream_stats: Callable[..., Any] | None = None,
+  lapack: bool = False,
   **hparams: HParam,
 ) -> RuleSpec:
   """Registers a rule: `fn` and one `HParam` per keyword-only hyper-parameter of `fn`.
@@ -285,6 +289,7 @@ def register(
     min_experts: fewest experts the rule accepts.
     max_experts: most experts the rule accepts (None: any number).
     stream_stats: optional out-of-core pre-pass (needs `with_stats`), see `RuleSpec`.
+    lapack: the rule calls SVD/eigh, see `RuleSpec`.
     **hparams: `{name: HParam}`; must name exactly `fn`'s keyword-only parameters.
 
   Returns:
@@ -321,6 +326,7 @@ def register(
     min_experts=min_experts,
     max_experts=max_experts,
     stream_stats=stream_stats,
+    lapack=lapack,
   )
   REGISTRY[name] = spec
   return spec
