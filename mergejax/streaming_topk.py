@@ -1,17 +1,67 @@
 """Exact model-wide top-k of leaves that arrive one at a time (the streaming engine's TIES trim).
 
-Same statistics as `selection.top_k_stats`, bit for bit, from two passes over the leaves instead
-of one partition of them all.
+Same statistics as `selection.top_k_stats`, bit for bit: NumPy's partition of the candidates
+when they fit the memory budget (`model_top_k_stats`), else two passes over the leaves
+(`StreamingTopK`) instead of one partition of them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax import selection
 from mergejax.selection import TopKStats
+
+# Host selection's memory: per kept entry, the candidates (listed, then concatenated), their
+# magnitudes, the kept ones (~20 bytes); per entry of the largest leaf, its scratch (9 bytes).
+_CANDIDATE_BYTES, _SCRATCH_BYTES = 20, 9
+
+
+def model_top_k_stats(
+  leaves: Callable[[], Iterator[tuple[np.ndarray, list[np.ndarray]]]],
+  sizes: Sequence[int],
+  k: int,
+  memory_budget: int | None = None,
+) -> TopKStats:
+  """`TopKStats` of each expert's task vector over all leaves, the top `k` entries of each.
+
+  When the selection of about k candidates per expert fits in half of `memory_budget` (with the
+  leaves themselves where they are copies, not views of memory-mapped or CPU arrays), this is
+  `selection.top_k_stats_eager` on the views, the selection `rules.merge` runs on CPU (a strided
+  sample, then one pass keeping ~k candidates for introselect). Otherwise, or without a budget,
+  `StreamingTopK`'s two passes over `leaves()`.
+
+  Args:
+    leaves: starts a pass over the leaves, yielding `(base_leaf, [expert leaves])`.
+    sizes: the leaves' entry counts.
+    k: entries kept per expert.
+    memory_budget: bytes of working memory the selection may use (None: stream).
+
+  Returns:
+    [T] float32 `TopKStats`, one entry per expert.
+  """
+  need = _CANDIDATE_BYTES * k + _SCRATCH_BYTES * max(sizes)
+  if memory_budget is not None and need <= memory_budget // 2:
+    views = list(leaves())  # Memory-mapped inputs: nothing is read here.
+    need += sum(x.nbytes for b, xs in views for x in (b, *xs) if x.flags.owndata)
+    if need <= memory_budget // 2:
+      groups = [[xs[t] for _, xs in views] for t in range(len(views[0][1]))]
+      origins = [[b for b, _ in views]] * len(groups)
+      return selection.top_k_stats_eager(groups, [k] * len(groups), origins=origins)
+  topk = None
+  for collect in (False, True):
+    for base, experts in leaves():
+      if topk is None:
+        topk = StreamingTopK([k] * len(experts))
+      for t, x in enumerate(experts):
+        topk.add(t, x, base, collect=collect)
+    if not collect:
+      topk.select()
+  return topk.finalize()
+
 
 _BINS = 1 << 15  # Histogram bins: a float32 magnitude's bit pattern >> 16 (sign bit clear).
 _CHUNK = 1 << 22  # Entries per host pass step (16 MB of float32 scratch).

@@ -181,10 +181,11 @@ class RuleSpec:
       to `with_stats`.
     with_stats: `with_stats(base, experts, stats, **hparams)`: `fn` given precomputed stats.
     stream_stats: optional out-of-core `prepare` for the streaming engine:
-      `stream_stats(leaves, sizes, **hparams) -> leaf_stats`, where `leaves()` starts a pass over
-      the merged leaves in tree order (yielding `(base_leaf, [expert leaves])` as NumPy arrays)
-      and `sizes` are their entry counts; `leaf_stats(i)` is what `with_stats` takes for a tree
-      holding leaf i alone. Rules without a `prepare` need none (`mergejax.streaming`).
+      `stream_stats(leaves, sizes, memory_budget=..., **hparams) -> leaf_stats`, where `leaves()`
+      starts a pass over the merged leaves in tree order (yielding `(base_leaf, [expert leaves])`
+      as NumPy arrays), `sizes` are their entry counts and `memory_budget` the bytes it may hold
+      (the engine's budget); `leaf_stats(i)` is what `with_stats` takes for a tree holding leaf i
+      alone. Rules without a `prepare` need none (`mergejax.streaming`).
     check: optional cross-parameter check `check(hparams, num_experts)` raising ValueError.
     min_experts / max_experts: how many experts the rule takes.
     lapack: the rule runs LAPACK kernels (SVD, eigh); merges run it with one BLAS thread

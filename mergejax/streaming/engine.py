@@ -23,6 +23,7 @@ from mergejax.streaming.programs import (
   LazyLeaf,
   Timings,
   _abstract,
+  _copied_bytes,
   _dependencies,
   _program,
   _signature,
@@ -199,10 +200,10 @@ class StreamingMerge:
     self.order = [p for p in order if p in self.index]
     self.working_set: dict[str, int] = {}
     for path in self.merged_paths:
-      compiled, _ = self._executable(path, False)
+      compiled, args = self._executable(path, False)
       mem = compiled.memory_analysis()
       ws = (
-        int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
+        int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
         if mem is not None
         else 4 * sum(int(np.size(m[path])) for m in (self.base, *self.experts)) * 3
       )
@@ -211,8 +212,9 @@ class StreamingMerge:
         raise ValueError(
           f"Leaf {path!r} ({np.shape(self.base[path])}, {len(self.experts)} experts) needs "
           f"{_size(ws)} of working memory to merge with {self.rule.name}, more than the "
-          f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget "
-          "must hold the largest leaf of every model at once, plus XLA's temporaries)."
+          f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget holds "
+          "the leaf's output, XLA's temporaries and the inputs XLA copies: all but 64-byte "
+          "aligned NumPy arrays, such as the tensors of files mergejax wrote)."
         )
     self.timings.peak_working_set_bytes = max(self.working_set.values())
     group, used = 0, 0
@@ -251,7 +253,7 @@ class StreamingMerge:
       return self._leaves()
 
     sizes = [int(np.size(self.base[p])) for p in self.merged_paths]
-    stats = self.rule.stream_stats(leaves, sizes, **self.full)
+    stats = self.rule.stream_stats(leaves, sizes, memory_budget=self.budget, **self.full)
     self.timings.stats_passes += len(passes)
     self.timings.stats_s += time.perf_counter() - start
     return stats
