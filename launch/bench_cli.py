@@ -48,6 +48,12 @@ _MERGEKIT_BIN = flags.DEFINE_string(
 _WARM = flags.DEFINE_bool("warm_cache", True, "Also time each rule with a warm compile cache.")
 _API = flags.DEFINE_bool("api", True, "Also time rules.merge from disk vs on device arrays.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 600, "A process running longer is killed.")
+_BASELINE = flags.DEFINE_string(
+  "baseline_root",
+  "",
+  "A checkout of the code to compare with (e.g. `git archive main | tar -x -C DIR`), run on the "
+  "same inputs right after each CLI run; '' to skip.",
+)
 
 TARGET_S = 3.0  # The issue's target for one CLI run, Python start to the last byte written.
 # SVD-bound rules: minutes at 22M x 8 on 2 cores (see the README); run them with --rules.
@@ -94,22 +100,25 @@ def models_for(rule: str, paths: list[Path]) -> tuple[Path, list[Path]]:
 
 
 # ---------------------------------------------------------------------------- the CLI
-def run_cli(rule: str, paths: list[Path], work: Path, cache: Path | None = None) -> dict:
+def run_cli(
+  rule: str, paths: list[Path], work: Path, cache: Path | None = None, root: Path = ROOT
+) -> dict:
+  """One fresh `launch/merge.py` process of the code at `root`, measured from outside."""
   base, experts = models_for(rule, paths)
   out = work / f"out_{rule}"
   cmd = [
     sys.executable,
-    str(ROOT / "launch/merge.py"),
-    f"--config={ROOT}/configs/merge.py:{rule}",
+    str(root / "launch/merge.py"),
+    f"--config={root}/configs/merge.py:{rule}",
     f"--config.base={base}",
     *[f"--config.experts={p}" for p in experts],
     f"--workdir={out}",
   ]
   if cache is not None:
     cmd.append(f"--config.compile_cache_dir={cache}")
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  env = {**os.environ, "PYTHONPATH": str(root)}
   load = os.getloadavg()[0]
-  s = bench_util.sample(["timeout", str(_TIMEOUT.value), *cmd], env=env, cwd=ROOT)
+  s = bench_util.sample(cmd, _TIMEOUT.value, env=env, cwd=root)
   row = {"wall_s": s.wall_s, "cpu_s": s.cpu_s, "rss_mib": s.peak_rss_mib, "load": load}
   row["returncode"] = s.returncode
   if s.returncode:
@@ -154,7 +163,7 @@ def run_mergekit(rule: str, paths: list[Path], work: Path) -> dict | None:
   cmd = [_MERGEKIT_BIN.value, str(yml), str(out), "--lazy-unpickle", "--low-cpu-memory"]
   cmd += ["--no-cuda", "--random-seed", "0"]
   load = os.getloadavg()[0]
-  s = bench_util.sample(["timeout", str(_TIMEOUT.value), *cmd])
+  s = bench_util.sample(cmd, _TIMEOUT.value)
   shutil.rmtree(out, ignore_errors=True)
   row = {"wall_s": s.wall_s, "cpu_s": s.cpu_s, "rss_mib": s.peak_rss_mib, "load": load}
   row["returncode"] = s.returncode
@@ -217,9 +226,9 @@ def _f(x, fmt=".2f") -> str:
   return "" if x is None else format(x, fmt)
 
 
-def cli_row(rule: str, cli: dict, warm: dict | None, mk: dict | None) -> str:
+def cli_row(rule: str, cli: dict, warm: dict | None, mk: dict | None, before: dict | None) -> str:
   if cli.get("returncode"):
-    return f"| {rule} | failed (exit {cli['returncode']}) |" + " |" * 9
+    return f"| {rule} | failed (exit {cli['returncode']}) |" + " |" * 14
   p = cli["phases_s"]
   plan = p.get("plan", p.get("merge", 0.0))
   compile_s = cli["compile_s"] or 0.0
@@ -232,11 +241,18 @@ def cli_row(rule: str, cli: dict, warm: dict | None, mk: dict | None) -> str:
   if mk is not None:
     mk_s = f"failed (exit {mk['returncode']})" if mk["returncode"] else _f(mk["wall_s"])
   mk_cpu = "" if mk is None or mk["returncode"] else _f(mk["cpu_s"])
+  before_s = ""
+  if before is not None:
+    before_s = (
+      f"failed (exit {before['returncode']})"
+      if before["returncode"]
+      else f"{before['wall_s']:.2f} / {before['cpu_s']:.2f}"
+    )
   return (
     f"| {rule} | {cli['wall_s']:.2f} | {ok} | {cli['cpu_s']:.2f} | {startup:.2f} | "
     f"{p.get('load', 0):.2f} | {compile_s:.2f} ({cli['executables'] or 0}) | {stats:.2f} | "
     f"{rest_of_plan:.2f} | {p.get('merge_write', p.get('write', 0)):.2f} | {warm_s} | "
-    f"{cli['rss_mib']:.0f} | {mk_s} | {mk_cpu} | {cli['load']:.1f} |"
+    f"{cli['rss_mib']:.0f} | {before_s} | {mk_s} | {mk_cpu} | {cli['load']:.1f} |"
   )
 
 
@@ -265,13 +281,14 @@ def main(argv):
   header = (
     "| rule | CLI wall s | ≤ 3 s | CPU s | start+imports+exit s | load s | compile s (executables) "
     "| statistics s | rest of plan s | merge+write s | wall, warm compile cache s "
-    "| peak RSS MiB | mergekit wall s | mergekit CPU s | load avg |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| peak RSS MiB | before: wall / CPU s | mergekit wall s | mergekit CPU s | load avg |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   )
   print(header, flush=True)
   rows, results = [], {}
   for rule in _RULES.value or default_rules():
     cli = run_cli(rule, paths, work)
+    before = run_cli(rule, paths, work, root=Path(_BASELINE.value)) if _BASELINE.value else None
     warm = None
     if _WARM.value and not cli.get("returncode"):
       cache = work / f"xla_cache_{rule}"
@@ -280,8 +297,8 @@ def main(argv):
       warm = run_cli(rule, paths, work, cache)
       shutil.rmtree(cache, ignore_errors=True)
     mk = run_mergekit(rule, paths, work)
-    results[rule] = {"cli": cli, "cli_warm_cache": warm, "mergekit": mk}
-    rows.append(cli_row(rule, cli, warm, mk))
+    results[rule] = {"cli": cli, "cli_before": before, "cli_warm_cache": warm, "mergekit": mk}
+    rows.append(cli_row(rule, cli, warm, mk, before))
     print(rows[-1], flush=True)
     if cli.get("error"):
       print(cli["error"], flush=True)

@@ -48,6 +48,19 @@ _MERGEKIT_BIN = flags.DEFINE_string(
 )
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints.")
 _ONLY_WRITE = flags.DEFINE_bool("only_write", False, "Write the checkpoints (kept) and stop.")
+_TIMEOUT = flags.DEFINE_integer("timeout_s", 3600, "A run taking longer is killed.")
+
+# mergejax's default DARE-TIES (the DARE paper's code: a TIES trim over the whole model after the
+# drop) is not leaf-local, so the streaming engine would merge it in memory. Out of core both
+# libraries run mergekit's DARE-TIES (no trim, L1 rescale, disjoint sum) at density 0.1:
+# configs/dare_ties_mergekit.py, and mergekit's dare_ties with normalize: false.
+VARIANTS = {
+  "dare_ties": (
+    "configs/dare_ties_mergekit.py",
+    ["--config.rule.density=0.1"],
+    ("dare_ties", {"weight": 1.0, "density": 0.1}, {"normalize": False}),
+  ),
+}
 
 
 def llama_shapes(hidden, layers, vocab, inter, kv_width, tied):
@@ -130,22 +143,26 @@ def main(argv):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
   for rule in _RULES.value:
     out = root / f"out_{rule}"
+    config, overrides, mergekit_method = VARIANTS.get(
+      rule, (f"configs/merge.py:{rule}", [], bench_util.MERGEKIT_METHODS.get(rule))
+    )
     cmd = [
       sys.executable,
       str(ROOT / "launch/merge.py"),
-      f"--config={ROOT}/configs/merge.py:{rule}",
+      f"--config={ROOT}/{config}",
+      *overrides,
       f"--config.base={paths[0]}",
       *[f"--config.experts={p}" for p in paths[1:]],
       f"--config.memory_budget_gb={_BUDGET.value}",
       f"--workdir={out}",
     ]
-    s = bench_util.sample(cmd, env=env, cwd=ROOT)
+    s = bench_util.sample(cmd, _TIMEOUT.value, env=env, cwd=ROOT)
     record = json.loads((out / "run.json").read_text()) if s.returncode == 0 else {}
     rows.append(("mergejax", rule, s))
     print(rule, s, record.get("phases_s"), record.get("streaming"), flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    if _PEERS.value and rule in bench_util.MERGEKIT_METHODS:
-      method, p, extra = bench_util.MERGEKIT_METHODS[rule]
+    if _PEERS.value and mergekit_method is not None:
+      method, p, extra = mergekit_method
       yml = bench_util.mergekit_yaml(
         root / f"{rule}.yml", method, paths[0], paths[1:], p, extra, "bfloat16"
       )
@@ -157,7 +174,7 @@ def main(argv):
         "--low-cpu-memory",
         "--no-cuda",
       ]
-      s = bench_util.sample(cmd)
+      s = bench_util.sample(cmd, _TIMEOUT.value)
       rows.append(("mergekit", rule, s))
       print(rule, s, flush=True)
       shutil.rmtree(root / f"mk_{rule}", ignore_errors=True)

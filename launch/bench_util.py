@@ -49,9 +49,17 @@ class Sample:
   returncode: int
   tail: str  # The end of its output (stdout and stderr together).
 
+  def __str__(self) -> str:
+    text = (
+      f"wall {self.wall_s:.1f} s, CPU {self.cpu_s:.1f} s, peak RssAnon {self.peak_anon_mib:.0f} "
+      f"MiB, peak RSS {self.peak_rss_mib:.0f} MiB, exit {self.returncode}"
+    )
+    return text if self.returncode == 0 else f"{text}\n{self.tail}"
 
-def sample(cmd: Sequence[str], **kwargs) -> Sample:
-  """Runs `cmd` (`subprocess.Popen` keyword arguments pass through) and measures it."""
+
+def sample(cmd: Sequence[str], timeout_s: float | None = None, **kwargs) -> Sample:
+  """Runs `cmd` (`subprocess.Popen` keyword arguments pass through) and measures it; a process
+  running longer than `timeout_s` is killed (return code -9)."""
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
   peak = {"anon": 0, "rss": 0}
@@ -59,6 +67,8 @@ def sample(cmd: Sequence[str], **kwargs) -> Sample:
 
   def watch():
     while not done.is_set():
+      if timeout_s is not None and time.perf_counter() - start > timeout_s:
+        proc.kill()
       try:
         with open(f"/proc/{proc.pid}/status") as f:
           for line in f:
