@@ -10,6 +10,10 @@ output options) and workdir/run.json (config, seed, versions, bytes, time per ph
 committed together: a failed or killed run leaves the workdir as it was.
 """
 
+import logging as py_logging
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,6 +31,12 @@ def main(argv):
   record = run.merge_from_disk(_CONFIG.value, _WORKDIR.value)
   logging.info("Done in %.2f s; outputs: %s", record["wall_time_s"], record["outputs"])
   print("\n".join(record["outputs"]))
+  # Everything is committed (run.json included): leave without the interpreter's teardown of
+  # JAX and XLA, 0.6-0.9 s of a one-shot run on 2 cores.
+  py_logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 if __name__ == "__main__":
