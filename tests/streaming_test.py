@@ -259,3 +259,19 @@ def test_a_run_killed_mid_stream_leaves_nothing_partial(tmp_path):
   assert _snapshot(workdir) == before  # ...but only in the staged workdir.
   atomic.remove_debris(tmp_path, "w")
   assert not list(tmp_path.glob(".mergejax-tmp-*"))
+
+
+@pytest.mark.parametrize("k", [1, 37, 500, 700])
+def test_histogram_top_k_equals_the_host_selection(k):
+  # Two experts of bf16 leaves with many ties (values on a coarse grid), against θ0.
+  from mergejax import selection, streaming_topk
+
+  rng = np.random.default_rng(k)
+  grid = lambda shape: (rng.integers(-40, 40, shape) / 64).astype(jnp.bfloat16)  # noqa: E731
+  base = [grid((30, 20)), grid((100,))]
+  experts = [[grid(b.shape) for b in base] for _ in range(2)]
+  leaves = lambda: iter([(b, [e[i] for e in experts]) for i, b in enumerate(base)])  # noqa: E731
+  got = streaming_topk.model_top_k_stats(leaves, [600, 100], k, memory_budget=None)
+  want = selection.top_k_stats_eager(experts, [k, k], origins=[base, base])
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
