@@ -94,10 +94,12 @@ def test_statistics_take_passes_in_dependency_order():
   base, experts = _models()
   engine = streaming.StreamingMerge("emr", base, experts, {}, memory_budget=8000)
   assert engine.num_totals == 1 + 2 * len(experts) and engine.timings.stats_passes == 2
-  ties = streaming.StreamingMerge("ties", base, experts, {}, memory_budget=1100)
-  assert ties.timings.stats_passes == 2  # Histogram, then the threshold bin's entries.
-  ties = streaming.StreamingMerge("ties", base, experts, {}, memory_budget=2**30)
-  assert ties.timings.stats_passes == 1  # The candidates fit: rules.merge's host selection.
+  # Passes over the leaves: the candidates fit, rules.merge's host selection (on the leaves' views,
+  # one pass); the band a sample locates fits (the views, then the band); nothing fits (a sample,
+  # then the histogram and the threshold bin's entries).
+  for budget, passes in ((2**30, 1), (5000, 2), (1100, 3)):
+    ties = streaming.StreamingMerge("ties", base, experts, {}, memory_budget=budget)
+    assert ties.timings.stats_passes == passes, budget
 
 
 @pytest.mark.parametrize("budget", [1100, 2**30])  # Two histogram passes; the host selection.
@@ -205,7 +207,9 @@ def test_from_disk_streaming_equals_memory_engine(tmp_path):
   assert _snapshot(tmp_path / "memory" / "merged") == _snapshot(tmp_path / "streaming" / "merged")
   record = json.loads((tmp_path / "streaming" / "run.json").read_text())
   assert record["engine"] == "streaming" and record["streaming"]["groups"] > 1
-  assert record["streaming"]["stats_passes"] == 2 and run_record["phases_s"]["plan"] >= 0
+  # The leaves' views, then (at ~2 KiB neither the candidates nor a sampled band fit) the
+  # histogram and the threshold bin's entries.
+  assert record["streaming"]["stats_passes"] == 3 and run_record["phases_s"]["plan"] >= 0
 
 
 def test_a_budget_below_one_leaf_writes_nothing(tmp_path):
@@ -262,16 +266,24 @@ def test_a_run_killed_mid_stream_leaves_nothing_partial(tmp_path):
 
 
 @pytest.mark.parametrize("k", [1, 37, 500, 700])
-def test_histogram_top_k_equals_the_host_selection(k):
+@pytest.mark.parametrize("how", ["two passes", "band", "band that misses"])
+def test_streaming_top_k_equals_the_host_selection(k, how, monkeypatch):
   # Two experts of bf16 leaves with many ties (values on a coarse grid), against θ0.
   from mergejax import selection, streaming_topk
 
+  if how == "band that misses":  # A band of one sampled bin from one block: usually wrong.
+    monkeypatch.setattr(streaming_topk, "_SIGMAS", 0.0)
+    monkeypatch.setattr(streaming_topk, "_SLACK", 0)
+    monkeypatch.setattr(streaming_topk, "_BLOCK", 7)
+    monkeypatch.setattr(streaming_topk, "_SAMPLE_BLOCKS", 1)
   rng = np.random.default_rng(k)
   grid = lambda shape: (rng.integers(-40, 40, shape) / 64).astype(jnp.bfloat16)  # noqa: E731
   base = [grid((30, 20)), grid((100,))]
   experts = [[grid(b.shape) for b in base] for _ in range(2)]
   leaves = lambda: iter([(b, [e[i] for e in experts]) for i, b in enumerate(base)])  # noqa: E731
-  got = streaming_topk.model_top_k_stats(leaves, [600, 100], k, memory_budget=None)
+  monkeypatch.setattr(streaming_topk, "_CANDIDATE_BYTES", 10**9)  # Never the host selection.
+  budget = None if how == "two passes" else 10**6
+  got = streaming_topk.model_top_k_stats(leaves, [600, 100], k, memory_budget=budget)
   want = selection.top_k_stats_eager(experts, [k, k], origins=[base, base])
   for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -248,9 +248,9 @@ class StreamingMerge:
     start = time.perf_counter()
     passes = []
 
-    def leaves():
+    def leaves():  # Passes that reach the last leaf are counted.
+      yield from self._leaves()
       passes.append(1)
-      return self._leaves()
 
     sizes = [int(np.size(self.base[p])) for p in self.merged_paths]
     stats = self.rule.stream_stats(leaves, sizes, memory_budget=self.budget, **self.full)
