@@ -43,7 +43,10 @@ def _max_abs(tree: Any) -> jax.Array:
   leaves = [x for x in jax.tree.leaves(tree) if tree_lib.is_float(x)]
   if not leaves:
     return jnp.zeros((0,), jnp.float32)
-  return jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves])
+  # An empty leaf (TSV-C keeps no triplet of a [1, n] matrix) has nothing to check: 0.
+  return jnp.stack(
+    [jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0) for x in leaves]
+  )
 
 
 def _poison(merged: Params, base: Params, experts: Sequence[Params]) -> Params:
