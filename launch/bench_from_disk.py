@@ -51,23 +51,24 @@ def write_inputs(data: Path, layers: int, n: int) -> None:
   stamp.write_text("")
 
 
-def worker(mode: str, rule: str, data: Path, n: int, repeats: int) -> dict:
+def load_inputs(mode: str, base_path, expert_paths):
+  """The inputs and keyword arguments of one mode: "disk" (as a user calls `rules.merge`:
+  memory-mapped numpy views, defaults) or "device" (device arrays, no finite checks)."""
   import jax
 
-  from mergejax import rules
   from mergejax.io import checkpoint
 
-  base_path, expert_paths = _paths(data, n)
   base = checkpoint.load_params(base_path)
   experts = [checkpoint.load_params(p) for p in expert_paths]
-  kw = rules.add_key(rule, {}, 0)
+  kw = {}
   if mode == "device":
     base, experts = jax.device_put((base, experts))
     kw["check_finite"] = False
+  return base, experts, kw
 
-  def call():
-    return jax.block_until_ready(rules.merge(rule, base, experts, **kw))
 
+def time_calls(call, repeats: int) -> dict:
+  """First call (trace + compile + run) and the median of `repeats` more."""
   start = time.perf_counter()
   out = call()
   first = time.perf_counter() - start
@@ -78,8 +79,20 @@ def worker(mode: str, rule: str, data: Path, n: int, repeats: int) -> dict:
     out = call()
     times.append(time.perf_counter() - start)
   del out
+  return {"first_s": first, "median_s": statistics.median(times), "times_s": times}
 
-  return {"mode": mode, "rule": rule, "first_s": first, "median_s": statistics.median(times)}
+
+def worker(mode: str, rule: str, data: Path, n: int, repeats: int) -> dict:
+  import jax
+
+  from mergejax import rules
+
+  base, experts, kw = load_inputs(mode, *_paths(data, n))
+  kw |= rules.add_key(rule, {}, 0)
+  result = time_calls(
+    lambda: jax.block_until_ready(rules.merge(rule, base, experts, **kw)), repeats
+  )
+  return {"mode": mode, "rule": rule, **result}
 
 
 def main(argv):

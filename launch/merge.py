@@ -13,6 +13,10 @@ Every device merges its slices of each leaf (`--config.mesh.devices`, default al
 device); several hosts run the same command with `--config.distributed.*` (see README).
 """
 
+import logging as py_logging
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -34,6 +38,12 @@ def main(argv):
     return
   logging.info("Done in %.2f s; outputs: %s", record["wall_time_s"], record["outputs"])
   print("\n".join(record["outputs"]))
+  # Everything is committed (run.json included): leave without the interpreter's teardown of
+  # JAX and XLA, 0.6-0.9 s of a one-shot run on 2 cores.
+  py_logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,93 @@
 """Exact model-wide top-k of leaves that arrive one at a time (the streaming engine's TIES trim).
 
-Same statistics as `selection.top_k_stats`, bit for bit, from two passes over the leaves instead
-of one partition of them all.
+Same statistics as `selection.top_k_stats`: NumPy's partition of the candidates when they fit the
+memory budget (`model_top_k_stats`), else one pass collecting a band of magnitudes located by a
+sample, else two passes over the leaves (`StreamingTopK`) instead of one partition of them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import concurrent.futures
+import os
+from collections.abc import Callable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax import selection
 from mergejax.selection import TopKStats
+
+# Host selection's memory: per kept entry, the candidates (listed, then concatenated), their
+# magnitudes, the kept ones (~20 bytes); per entry of the largest leaf, its scratch (9 bytes).
+_CANDIDATE_BYTES, _SCRATCH_BYTES = 20, 9
+
+
+def model_top_k_stats(
+  leaves: Callable[[], Iterator[tuple[np.ndarray, list[np.ndarray]]]],
+  sizes: Sequence[int],
+  k: int,
+  memory_budget: int | None = None,
+) -> TopKStats:
+  """`TopKStats` of each expert's task vector over all leaves, the top `k` entries of each.
+
+  When the selection of about k candidates per expert fits in half of `memory_budget` (with the
+  leaves themselves where they are copies, not views of memory-mapped or CPU arrays), this is
+  `selection.top_k_stats_eager` on the views, the selection `rules.merge` runs on CPU (a strided
+  sample, then one pass keeping ~k candidates for introselect). Otherwise `StreamingTopK`: one
+  pass over `leaves()` collecting a band around each k-th largest magnitude that a sample of ~1M
+  entries per expert locates, when the band fits half the budget (a band that misses, which the
+  pass detects, falls back); without a budget or a fitting band, its two passes.
+
+  Args:
+    leaves: starts a pass over the leaves, yielding `(base_leaf, [expert leaves])`.
+    sizes: the leaves' entry counts.
+    k: entries kept per expert.
+    memory_budget: bytes of working memory the selection may use (None: stream).
+
+  Returns:
+    [T] float32 `TopKStats`, one entry per expert.
+  """
+  views = None
+  if memory_budget is not None:  # The leaves, kept while they cost nothing (views) or fit.
+    views, copies = [], 0
+    for base, experts in leaves():  # Memory-mapped inputs: nothing is read here.
+      copies += sum(x.nbytes for x in (base, *experts) if x.flags.owndata)
+      if copies > memory_budget // 2:
+        views = None
+        break
+      views.append((base, experts))
+  need = _CANDIDATE_BYTES * k + _SCRATCH_BYTES * max(sizes)
+  if views is not None and need + copies <= memory_budget // 2:
+    groups = [[xs[t] for _, xs in views] for t in range(len(views[0][1]))]
+    origins = [[b for b, _ in views]] * len(groups)
+    return selection.top_k_stats_eager(groups, [k] * len(groups), origins=origins)
+  with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+
+    def run_pass(topk: StreamingTopK | None, collect: bool) -> StreamingTopK:
+      for base, experts in leaves():
+        topk = topk or StreamingTopK([k] * len(experts))
+        # A task per expert; the next leaf waits for all, so each expert adds its leaves in order.
+        done = [pool.submit(topk.add, t, x, base, collect=collect) for t, x in enumerate(experts)]
+        for future in done:
+          future.result()
+      return topk
+
+    if memory_budget is not None:
+      topk = StreamingTopK([])
+      if topk.select_from_sample(views or leaves(), sizes, k) <= memory_budget // 2:
+        stats = run_pass(topk, True).finalize()
+        if stats is not None:
+          return stats  # One pass: each k-th largest was inside its sampled band (almost always).
+    topk = run_pass(None, False)
+    topk.select()
+    run_pass(topk, True)
+  return topk.finalize()
+
 
 _BINS = 1 << 15  # Histogram bins: a float32 magnitude's bit pattern >> 16 (sign bit clear).
 _CHUNK = 1 << 22  # Entries per host pass step (16 MB of float32 scratch).
+_SAMPLE_BLOCKS, _BLOCK = 1024, 1024  # The band's sample: blocks of contiguous entries per expert.
+_SIGMAS, _SLACK = 8.0, 64  # The band's margin around the sample's k-th, in sample ranks.
 
 
 class StreamingTopK:
@@ -26,12 +99,17 @@ class StreamingTopK:
   (`add(..., collect=True)`) sums the entries above that bin and keeps those inside it, about
   n / 2^7 per octave at most; `finalize` partitions those. Memory: the histogram, one chunk of
   scratch, and the threshold bin's entries. The threshold equals `top_k_stats`'s bit for bit.
+
+  Or one pass: `select_from_sample` reads ~1M entries per group in blocks at random places and
+  takes a band of bins that holds the k-th largest magnitude unless the sample is off by more
+  than 8 standard deviations; pass 2 collects the band, and `finalize` checks that the k-th
+  largest is inside it (None if not: then the two passes above).
   """
 
   def __init__(self, ks: Sequence[int]):
     self.ks = [int(k) for k in ks]
     self.counts = np.zeros((len(self.ks), _BINS), np.int64)
-    self.bins: list[int] | None = None
+    self.bins: list[tuple[int, int]] | None = None  # Per group, the band [low, high] collected.
 
   @staticmethod
   def _chunks(x, origin):
@@ -45,38 +123,80 @@ class StreamingTopK:
         yield np.subtract(part, o[start : start + _CHUNK], dtype=np.float32)
 
   def add(self, group: int, x, origin=None, *, collect: bool = False) -> None:
-    """Adds one leaf of `group`: counted in pass 1, collected in pass 2 (`collect=True`)."""
+    """Adds one leaf of `group`: counted in pass 1, collected in pass 2 (`collect=True`).
+
+    Calls for different groups may run in parallel threads (NumPy releases the GIL)."""
     for d in self._chunks(x, origin):
-      high = np.abs(d).view(np.uint32) >> 16
+      # |d|'s bit pattern >> 16, as intp: np.bincount is several times slower on uint32.
+      high = np.bitwise_and(np.right_shift(d.view(np.int32), 16), 0x7FFF).astype(np.intp)
       if not collect:
         self.counts[group] += np.bincount(high, minlength=_BINS)
         continue
-      b = self.bins[group]
-      above = np.compress(high > b, d)
+      low, top = self.bins[group]
+      above = np.compress(high > top, d)
+      self.above[group] += above.size
       self.kept_sum[group] += np.sum(above, dtype=np.float64)
       self.kept_sign[group] += float(np.count_nonzero(above > 0) - np.count_nonzero(above < 0))
-      self.candidates[group].append(np.compress(high == b, d))
+      band = high == top if low == top else (high >= low) & (high <= top)
+      self.candidates[group].append(np.compress(band, d))
 
   def select(self) -> None:
     """Between the passes: the bin of each group's k-th largest magnitude."""
-    self.bins, self.ranks = [], []
+    self.bins = []
     for counts, k in zip(self.counts, self.ks, strict=True):
       if not 1 <= k <= counts.sum():
         raise ValueError(f"k={k} is outside [1, {int(counts.sum())}] (entries seen).")
-      from_top = np.cumsum(counts[::-1])
-      j = int(np.searchsorted(from_top, k))
-      b = _BINS - 1 - j
-      self.bins.append(b)
-      self.ranks.append(k - int(from_top[j] - counts[b]))  # Rank of the k-th inside its bin.
+      j = int(np.searchsorted(np.cumsum(counts[::-1]), k))
+      self.bins.append((_BINS - 1 - j, _BINS - 1 - j))
+    self._start_collecting()
+
+  def select_from_sample(self, leaves, sizes: Sequence[int], k: int) -> int:
+    """Instead of pass 1: each group's band of bins from a sample of `leaves` (an iterable of
+    `(base_leaf, [expert leaves])`), for the top `k` of every expert; returns the band's
+    expected bytes."""
+    n = sum(sizes)
+    rng = np.random.default_rng(0)
+    samples = None
+    for (base, experts), size in zip(leaves, sizes, strict=True):
+      if samples is None:
+        self.ks = [int(k)] * len(experts)
+        self.counts = np.zeros((0, _BINS), np.int64)
+        samples = [[] for _ in experts]
+      blocks = min(-(-_SAMPLE_BLOCKS * size // n), -(-size // _BLOCK))
+      starts = np.unique(rng.integers(0, max(size - _BLOCK, 0) + 1, blocks))
+      b = np.asarray(base).reshape(-1)
+      for t, x in enumerate(experts):
+        x = np.asarray(x).reshape(-1)
+        for i in starts:
+          d = np.subtract(x[i : i + _BLOCK], b[i : i + _BLOCK], dtype=np.float32)
+          samples[t].append(np.right_shift(np.abs(d).view(np.int32), 16))
+    self.bins, expected = [], 0
+    for k, sample in zip(self.ks, samples, strict=True):
+      high = np.sort(np.concatenate(sample))[::-1]  # Bins, largest first.
+      m, p = high.size, k / n
+      margin = _SIGMAS * np.sqrt(m * p * (1 - p)) + _SLACK
+      top = int(high[min(int(m * p - margin), m - 1)]) if m * p - margin >= 0 else _BINS - 1
+      low = int(high[int(np.ceil(m * p + margin))]) if m * p + margin < m else 0
+      self.bins.append((low, top))
+      expected += 4 * int(np.count_nonzero((high >= low) & (high <= top)) / m * n)
+    self._start_collecting()
+    return expected
+
+  def _start_collecting(self) -> None:
+    self.above = np.zeros(len(self.ks), np.int64)  # Entries above the band, per group.
     self.kept_sum = np.zeros(len(self.ks))
     self.kept_sign = np.zeros(len(self.ks))
     self.candidates = [[] for _ in self.ks]
 
-  def finalize(self) -> TopKStats:
-    """After pass 2: the `TopKStats` of every group ([G] float32)."""
+  def finalize(self) -> TopKStats | None:
+    """After pass 2: the `TopKStats` of every group ([G] float32); None if a sampled band missed
+    a group's k-th largest magnitude."""
     out = []
-    for g, rank in enumerate(self.ranks):
+    for g, k in enumerate(self.ks):
       candidates = np.concatenate(self.candidates[g])
+      rank = k - int(self.above[g])  # The k-th largest's rank inside the band.
+      if not 1 <= rank <= candidates.size:
+        return None
       magnitude = np.abs(candidates)
       index = candidates.size - rank
       threshold = np.partition(magnitude, index)[index]

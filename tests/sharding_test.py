@@ -86,7 +86,7 @@ def reports(tmp_path_factory):
 
 def test_every_rule_is_bit_identical_on_2_and_8_devices(reports):
   results = reports["data_free"]["data_free"]
-  assert sorted(results) == sorted(rules.REGISTRY)
+  assert sorted(results) == sorted(n for n, s in rules.REGISTRY.items() if not s.data_dependent)
   for name, by_mesh in results.items():
     for devices, r in by_mesh.items():
       assert r["diff"] == 0, (name, devices, r)

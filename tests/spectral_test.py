@@ -234,6 +234,15 @@ class ReferenceTest(chex.TestCase):
     out = rules.merge("tsv_c", base, experts, fraction=1.0)
     chex.assert_trees_all_close(rules.task_models(out, base, 3)[2], experts[2], atol=2e-5)
 
+  def test_tsv_c_keeps_nothing_of_a_single_row_and_checks_the_rest(self):
+    # A [1, n] matrix (a ViT's class token) keeps ⌊1/3⌋ = 0 triplets: empty parts, which the
+    # finite checks (on by default) skip.
+    base, experts = _models(3, shapes={"cls": (1, 16), "tall": (20, 12)})
+    out = rules.merge("tsv_c", base, experts)
+    self.assertEqual(out.parts["cls"][1].shape, (3, 0))
+    model = rules.task_models(out, base, 3)[1]
+    np.testing.assert_array_equal(model["cls"], base["cls"])
+
 
 # ------------------------------------------------------------------------------ properties
 class PropertyTest(chex.TestCase):

@@ -17,16 +17,18 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from mergejax import tree as tree_lib
 from mergejax.io import atomic, hf, safetensors
 from mergejax.tree import Params
+
+if TYPE_CHECKING:
+  import orbax.checkpoint as ocp
 
 SAFETENSORS_SEP = "."  # Flat names "a.b.c" <-> nested {"a": {"b": {"c": ...}}}.
 FORMATS = ("safetensors", "hf", "torch", "orbax")
@@ -98,6 +100,20 @@ def load_safetensors(path: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------ orbax
+def _ocp():
+  """`orbax.checkpoint`, imported on first use: a merge of safetensors files never pays its
+  0.3 s of import."""
+  import orbax.checkpoint  # noqa: PLC0415
+
+  return orbax.checkpoint
+
+
+def __getattr__(name: str) -> Any:  # `checkpoint.ocp` (tests patch it), imported when asked for.
+  if name == "ocp":
+    return _ocp()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def save_pytree(path: str | os.PathLike, tree: Any) -> None:
   """Saves any pytree of arrays as an orbax checkpoint directory, atomically.
 
@@ -108,6 +124,7 @@ def save_pytree(path: str | os.PathLike, tree: Any) -> None:
     path: destination directory.
     tree: pytree of arrays (nested dicts, NamedTuples, ...).
   """
+  ocp = _ocp()
   _check_array_leaves(tree)
   with atomic.atomic_dir(path) as tmp:
     try:
@@ -141,6 +158,7 @@ def load_pytree(path: str | os.PathLike, abstract_target: Any = None) -> Any:
   Returns:
     The restored pytree (jax arrays).
   """
+  ocp = _ocp()
   path = Path(path).absolute()
   _require_exists(path)
   if abstract_target is not None:
@@ -163,6 +181,7 @@ def training_manager(
   Returns:
     An orbax CheckpointManager (use it as a context manager, or close it).
   """
+  ocp = _ocp()
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
     save_decision_policy=policies.FixedIntervalPolicy(every_steps),
@@ -188,6 +207,7 @@ def save_training_state(
   Returns:
     Whether a checkpoint was written.
   """
+  ocp = _ocp()
   return manager.save(
     step,
     args=ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)),
@@ -214,6 +234,7 @@ def restore_training_state(
   Raises:
     ValueError: checkpoints exist but none restores (naming the directory and each error).
   """
+  ocp = _ocp()
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   args = ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()

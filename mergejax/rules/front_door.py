@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax import selection
+from mergejax import lapack_threads, selection
 from mergejax import tree as tree_lib
 from mergejax.distributed import layout as layout_lib
 from mergejax.distributed import spmd
@@ -43,7 +43,10 @@ def _max_abs(tree: Any) -> jax.Array:
   leaves = [x for x in jax.tree.leaves(tree) if tree_lib.is_float(x)]
   if not leaves:
     return jnp.zeros((0,), jnp.float32)
-  return jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves])
+  # An empty leaf (TSV-C keeps no triplet of a [1, n] matrix) has nothing to check: 0.
+  return jnp.stack(
+    [jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0) for x in leaves]
+  )
 
 
 def _poison(merged: Params, base: Params, experts: Sequence[Params]) -> Params:
@@ -228,7 +231,11 @@ def merge(
   fn = rule.fn if stats is None or rule.data_dependent else rule.with_stats
   key = (fn, tuple(sorted(static.items())), stats is not None, check_finite)
   run = _compiled(*key) if jit else _checked(fn, static, stats is not None, check_finite)
-  merged, report = run(part.base, part.experts, stats, traced)
+  if rule.lapack:  # One BLAS thread under XLA's concurrent LAPACK calls (see lapack_threads).
+    with lapack_threads.single_threaded_blas():
+      merged, report = jax.block_until_ready(run(part.base, part.experts, stats, traced))
+  else:
+    merged, report = run(part.base, part.experts, stats, traced)
 
   # 5. The checks (unmerged leaves included), then the unmerged leaves.
   if check_finite:

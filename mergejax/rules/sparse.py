@@ -115,26 +115,21 @@ def _ties_prepare(base, experts, *, density, trim_scope, counting, **unused):
   )
 
 
-def _ties_stream_stats(leaves, sizes, *, density, trim_scope, election, **unused):
-  # Out of core: the model-scope threshold from `streaming_topk.StreamingTopK` (two passes over the
-  # leaves, exact); leaf scope's thresholds leaf by leaf (one pass).
+def _ties_stream_stats(
+  leaves, sizes, *, density, trim_scope, election, counting, memory_budget=None, **unused
+):
+  # Out of core: the model-scope thresholds from `streaming_topk.model_top_k_stats` (the in-memory
+  # host selection when it fits the budget, else two exact histogram passes); leaf scope's leaf
+  # by leaf (one pass). Counts as `sparsify.trim_stats_eager` takes them.
   del unused
+  rounding = "floor_min1" if counting == "mergekit" else "round"
   if trim_scope == "model":
-    k = int(selection.count_for_fraction(sum(sizes), float(density)))
-    topk = None
-    for collect in (False, True):
-      for base, experts in leaves():
-        if topk is None:
-          topk = streaming_topk.StreamingTopK([k] * len(experts))
-        for t, x in enumerate(experts):
-          topk.add(t, x, base, collect=collect)
-      if not collect:
-        topk.select()
-    stats = topk.finalize()
+    k = int(selection.count_for_fraction(sum(sizes), float(density), rounding))
+    stats = streaming_topk.model_top_k_stats(leaves, sizes, k, memory_budget)
     return lambda i: stats
   per_leaf = []
   for (base, experts), size in zip(leaves(), sizes, strict=True):
-    k = int(selection.count_for_fraction(size, float(density)))
+    k = int(selection.count_for_fraction(size, float(density), rounding))
     per_leaf.append(
       selection.top_k_stats_eager(
         [[x] for x in experts], [k] * len(experts), origins=[[base]] * len(experts)

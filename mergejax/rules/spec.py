@@ -181,10 +181,11 @@ class RuleSpec:
       to `with_stats`.
     with_stats: `with_stats(base, experts, stats, **hparams)`: `fn` given precomputed stats.
     stream_stats: optional out-of-core `prepare` for the streaming engine:
-      `stream_stats(leaves, sizes, **hparams) -> leaf_stats`, where `leaves()` starts a pass over
-      the merged leaves in tree order (yielding `(base_leaf, [expert leaves])` as NumPy arrays)
-      and `sizes` are their entry counts; `leaf_stats(i)` is what `with_stats` takes for a tree
-      holding leaf i alone. Rules without a `prepare` need none (`mergejax.streaming`).
+      `stream_stats(leaves, sizes, memory_budget=..., **hparams) -> leaf_stats`, where `leaves()`
+      starts a pass over the merged leaves in tree order (yielding `(base_leaf, [expert leaves])`
+      as NumPy arrays), `sizes` are their entry counts and `memory_budget` the bytes it may hold
+      (the engine's budget); `leaf_stats(i)` is what `with_stats` takes for a tree holding leaf i
+      alone. Rules without a `prepare` need none (`mergejax.streaming`).
     check: optional cross-parameter check `check(hparams, num_experts)` raising ValueError.
     min_experts / max_experts: how many experts the rule takes.
     statistics: set for data-dependent rules (Fisher merging, RegMean), whose `fn` takes the
@@ -192,6 +193,8 @@ class RuleSpec:
       **hparams)`: `statistics(base, selected, stats, hparams, num_experts)` validates the
       caller's statistics (one per expert) against the full `base` and the merged leaves
       `selected` ({"a/b/c": leaf}) on the host, and returns them restricted to those leaves.
+    lapack: the rule runs LAPACK kernels (SVD, eigh); merges run it with one BLAS thread
+      (`mergejax.lapack_threads`: XLA runs LAPACK calls concurrently on its own threads).
   """
 
   name: str
@@ -205,6 +208,7 @@ class RuleSpec:
   max_experts: int | None = None
   stream_stats: Callable[..., Any] | None = None
   statistics: Callable[..., Any] | None = None
+  lapack: bool = False
 
   def __call__(self, base: Any, experts: Any, *statistics: Any, **hparams: Any) -> Any:
     """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`).
@@ -286,6 +290,7 @@ def register(
   max_experts: int | None = None,
   stream_stats: Callable[..., Any] | None = None,
   statistics: Callable[..., Any] | None = None,
+  lapack: bool = False,
   **hparams: HParam,
 ) -> RuleSpec:
   """Registers a rule: `fn` and one `HParam` per keyword-only hyper-parameter of `fn`.
@@ -301,6 +306,7 @@ def register(
     max_experts: most experts the rule accepts (None: any number).
     stream_stats: optional out-of-core pre-pass (needs `with_stats`), see `RuleSpec`.
     statistics: for a data-dependent rule, the validator of its statistics, see `RuleSpec`.
+    lapack: the rule calls SVD/eigh, see `RuleSpec`.
     **hparams: `{name: HParam}`; must name exactly `fn`'s keyword-only parameters.
 
   Returns:
@@ -340,6 +346,7 @@ def register(
     max_experts=max_experts,
     stream_stats=stream_stats,
     statistics=statistics,
+    lapack=lapack,
   )
   REGISTRY[name] = spec
   return spec

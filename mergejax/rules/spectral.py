@@ -1,8 +1,8 @@
 """Spectral rules: TSV-M / TSV-C (Task Singular Vectors) and ISO-C / ISO-CTS (isotropic merging).
 
 Each works per weight matrix on the singular vectors of the task matrices Δt = θt − θ0 (one
-batched `jnp.linalg.svd` over the T stacked task matrices of a leaf) and is a pure, jit-able
-function of (base, experts).
+`jnp.linalg.svd` per task matrix: `_svd` says why not one batched call) and is a pure, jit-able
+function of (base, experts). On CPU, merges run them with one BLAS thread (`lapack=True`).
 
 Which leaves are matrices (`matrices`, static):
 * "2d" (default, as the reference code): exactly the 2-D leaves. Leaves of rank 0, 1 or ≥ 3
@@ -67,9 +67,25 @@ def matrix_shape(shape: tuple[int, ...], matrices: str = "2d") -> tuple[int, int
   return shape[0], math.prod(shape[1:])
 
 
+def _svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`jnp.linalg.svd(x, full_matrices=False)` with one LAPACK call per matrix of a batch.
+
+  jaxlib 0.10's CPU kernel fans a batch out over XLA's intra-op thread pool and blocks its pool
+  thread until the batch is done: once as many batched SVDs run at once as the pool has threads
+  (2 on a 2-core machine: TSV-M or ISO-CTS on a single ViT block), none is left to run the
+  batches and the process hangs at 0% CPU. Matrix by matrix, the same LAPACK routine on the same
+  matrices gives the same bits, and no pool thread waits on another.
+  """
+  if x.ndim == 2:
+    return jnp.linalg.svd(x, full_matrices=False)
+  parts = [_svd(m) for m in x]
+  u, s, vt = (jnp.stack(p) for p in zip(*parts, strict=True))
+  return u, s, vt
+
+
 def _polar(x: jax.Array) -> jax.Array:
   """The nearest matrix with orthonormal columns (or rows): P Qᵀ from x = P Σ Qᵀ."""
-  p, _, qt = jnp.linalg.svd(x, full_matrices=False)
+  p, _, qt = _svd(x)
   return p @ qt
 
 
@@ -110,7 +126,7 @@ def tsv_matrix(deltas: jax.Array) -> jax.Array:
   k = tsv_rank(min(m, n), num_tasks)
   if k == 0:
     return jnp.zeros((m, n), deltas.dtype)
-  u, s, vt = jnp.linalg.svd(deltas, full_matrices=False)
+  u, s, vt = _svd(deltas)
   u_cat = jnp.moveaxis(u[:, :, :k], 0, 1).reshape(m, num_tasks * k)  # Task-major columns.
   s_cat = s[:, :k].reshape(num_tasks * k)
   vt_cat = vt[:, :k, :].reshape(num_tasks * k, n)
@@ -207,7 +223,7 @@ def tsv_compress(
     shape2 = matrix_shape(b.shape, matrices)
     if shape2 is None:
       return (stacked,)
-    u, s, vt = jnp.linalg.svd(stacked.reshape(len(xs), *shape2), full_matrices=False)
+    u, s, vt = _svd(stacked.reshape(len(xs), *shape2))
     k = int(min(shape2) * frac)
     return u[:, :, :k], s[:, :k], vt[:, :k, :]
 
@@ -217,7 +233,7 @@ def tsv_compress(
 
 def iso_c_matrix(deltas: jax.Array) -> jax.Array:
   """ISO-C on one layer: Σt Δt = U Σ Vᵀ -> σ̄ U Vᵀ (σ̄ the mean singular value)."""
-  u, s, vt = jnp.linalg.svd(jnp.sum(deltas, axis=0), full_matrices=False)
+  u, s, vt = _svd(jnp.sum(deltas, axis=0))
   return jnp.mean(s) * (u @ vt)
 
 
@@ -284,11 +300,11 @@ def iso_cts_matrix(
       f"common_fraction={common_fraction:g} and {num_tasks} tasks; raise common_fraction or "
       "exclude the leaf."
     )
-  u, s, vt = jnp.linalg.svd(jnp.sum(deltas, axis=0), full_matrices=False)
+  u, s, vt = _svd(jnp.sum(deltas, axis=0))
   u_c, s_c, vt_c = u[:, :common], s[:common], vt[:common]
   # Remove the common subspace from each task's output side, then take its top directions.
   projected = deltas - u_c @ (u_c.T @ deltas)
-  u_t, s_t, vt_t = jnp.linalg.svd(projected, full_matrices=False)
+  u_t, s_t, vt_t = _svd(projected)
   u_all = jnp.concatenate([jnp.moveaxis(u_t[:, :, :per_task], 0, 1).reshape(m, -1), u_c], axis=1)
   vt_all = jnp.concatenate([vt_t[:, :per_task, :].reshape(-1, n), vt_c], axis=0)
   s_mean = (jnp.sum(s_t[:, :per_task]) + jnp.sum(s_c)) / rank
@@ -331,18 +347,29 @@ def iso_cts(
 
 _MATRICES = spec.choice(*MATRICES)
 _NON_MATRIX = spec.choice(*NON_MATRIX)
-spec.register("tsv_m", tsv_merging, scale=spec.SCALE, matrices=_MATRICES, non_matrix=_NON_MATRIX)
+spec.register(
+  "tsv_m",
+  tsv_merging,
+  lapack=True,
+  scale=spec.SCALE,
+  matrices=_MATRICES,
+  non_matrix=_NON_MATRIX,
+)
 spec.register(
   "tsv_c",
   tsv_compress,
+  lapack=True,
   fraction=spec.HParam("float", 0.0, 1.0, "(]", static=True, optional=True),
   scale=spec.SCALE,
   matrices=_MATRICES,
 )
-spec.register("iso_c", iso_c, scale=spec.SCALE, matrices=_MATRICES, non_matrix=_NON_MATRIX)
+spec.register(
+  "iso_c", iso_c, lapack=True, scale=spec.SCALE, matrices=_MATRICES, non_matrix=_NON_MATRIX
+)
 spec.register(
   "iso_cts",
   iso_cts,
+  lapack=True,
   scale=spec.SCALE,
   common_fraction=spec.HParam("float", 0.0, 1.0, "(]", static=True),
   layout=spec.choice(*LAYOUTS),

@@ -3,6 +3,7 @@ package docstring)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -10,8 +11,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from mergejax import leafwise, sparsify
+from mergejax import lapack_threads, leafwise, sparsify
 from mergejax import tree as tree_lib
 from mergejax.distributed import hosts, spmd
 from mergejax.rules import front_door, leaf_subset
@@ -23,6 +25,7 @@ from mergejax.streaming.programs import (
   LazyLeaf,
   Timings,
   _abstract,
+  _copied_bytes,
   _dependencies,
   _program,
   _signature,
@@ -218,10 +221,10 @@ class StreamingMerge:
     self.order = [p for p in order if p in self.index]
     self.working_set: dict[str, int] = {}
     for path in self.merged_paths:
-      compiled, _ = self._executable(path, False)
+      compiled, args = self._executable(path, False)
       mem = getattr(compiled, "compiled", compiled).memory_analysis()
       ws = (
-        int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
+        int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
         if mem is not None
         else 4 * sum(int(np.size(m[path])) for m in (self.base, *self.experts)) * 3
       )
@@ -230,8 +233,9 @@ class StreamingMerge:
         raise ValueError(
           f"Leaf {path!r} ({np.shape(self.base[path])}, {len(self.experts)} experts) needs "
           f"{_size(ws)} of working memory to merge with {self.rule.name}, more than the "
-          f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget "
-          "must hold the largest leaf of every model at once, plus XLA's temporaries)."
+          f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget holds "
+          "the leaf's output, XLA's temporaries and the inputs XLA copies: all but 64-byte "
+          "aligned NumPy arrays, such as the tensors of files mergejax wrote)."
         )
     self.timings.peak_working_set_bytes = max(self.working_set.values())
     group, used = 0, 0
@@ -265,12 +269,12 @@ class StreamingMerge:
     start = time.perf_counter()
     passes = []
 
-    def leaves():
+    def leaves():  # Passes that reach the last leaf are counted.
+      yield from self._leaves()
       passes.append(1)
-      return self._leaves()
 
     sizes = [int(np.size(self.base[p])) for p in self.merged_paths]
-    stats = self.rule.stream_stats(leaves, sizes, **self.full)
+    stats = self.rule.stream_stats(leaves, sizes, memory_budget=self.budget, **self.full)
     self.timings.stats_passes += len(passes)
     self.timings.stats_s += time.perf_counter() - start
     return stats
@@ -289,6 +293,11 @@ class StreamingMerge:
     n_in = len(jax.tree.leaves(args))
     total_inputs = list(range(n_in - self.num_totals, n_in))
     needs = [{total_inputs.index(i) for i in d if i in total_inputs} for d in deps]
+    with self._blas():
+      self._sum_rounds(needs)
+    self.timings.stats_s += time.perf_counter() - start
+
+  def _sum_rounds(self, needs: list[set[int]]) -> None:
     while len(self.totals) < self.num_totals:
       ready = [
         j for j in range(self.num_totals) if j not in self.totals and needs[j] <= set(self.totals)
@@ -305,10 +314,18 @@ class StreamingMerge:
           acc[j] = np.float32(acc[j] + np.float32(partials[j]))
       self.totals.update(acc)
       self.timings.stats_passes += 1
-    self.timings.stats_s += time.perf_counter() - start
 
   def _merge_in_memory(self) -> None:
     """Fallback for rules that cannot stream: `rules.merge` on the merged leaves."""
+    # At least the inputs in float32 and the output: said before the merge, which may not fit.
+    need = 4 * sum(int(np.size(self.base[p])) for p in self.merged_paths) * (len(self.experts) + 2)
+    if need > self.budget:
+      logging.warning(
+        "%s; merging in memory needs at least %s, above the memory budget of %s.",
+        self.reason,
+        _size(need),
+        _size(self.budget),
+      )
     base = {p: self.base[p] for p in self.merged_paths}
     experts = [{p: e[p] for p in self.merged_paths} for e in self.experts]
     merged = front_door.merge(
@@ -359,7 +376,15 @@ class StreamingMerge:
     x = np.asarray(x)
     return x if not tree_lib.is_float(x) else x.astype(self.output_dtype(path))
 
+  def _blas(self):
+    """One BLAS thread under the executions of a LAPACK rule (see `lapack_threads`)."""
+    return lapack_threads.single_threaded_blas() if self.rule.lapack else contextlib.nullcontext()
+
   def _run_group(self, group: int) -> None:
+    with self._blas():  # Its results are pulled (np.asarray) before it closes.
+      self._run_group_now(group)
+
+  def _run_group_now(self, group: int) -> None:
     self._cache = {k: v for k, v in self._cache.items() if self._groups.get(k[0]) == group}
     values = [self.totals[j] for j in range(self.num_totals)]
     pending = []

@@ -70,7 +70,24 @@ class LazyLeaf:
     return out if dtype is None else out.astype(dtype)
 
 
+def _copied_bytes(args) -> int:
+  """Bytes of a program's arguments that XLA copies in: on CPU it reads a C-contiguous NumPy
+  array in place when its data is 64-byte aligned (memory-mapped tensors as mergejax's writer
+  lays them out: page cache, not working memory); device arrays are already there."""
+  cpu = jax.default_backend() == "cpu"
+  total = 0
+  for x in jax.tree.leaves(args):
+    if isinstance(x, jax.Array):
+      continue
+    if cpu and isinstance(x, np.ndarray) and x.flags.c_contiguous and x.ctypes.data % 64 == 0:
+      continue
+    total += int(np.size(x)) * np.dtype(x.dtype).itemsize
+  return total
+
+
 def _size(n: int) -> str:
+  if n >= 2**30:
+    return f"{n / 2**30:.2f} GiB"
   return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
