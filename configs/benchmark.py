@@ -59,7 +59,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The zoo: everything that determines the pre-trained model, heads, experts, multi-task model.
   config.zoo = ml_collections.ConfigDict()
   config.zoo.model_name = "resmlp"  # Key of synthvision.zoo.BACKBONES.
-  config.zoo.model = dict(width=256, depth=3, expansion=2)
+  config.zoo.model = dict(width=256, depth=3, expansion=4)
   # Broad supervised pre-training on the multi-attribute mixture (heads discarded afterwards).
   config.zoo.pretrain = dict(
     seed=0,
@@ -76,10 +76,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Experts: brief fine-tuning with small updates, head frozen, weight decay towards θ0. SGD with
   # momentum (the classic ViT/BiT fine-tuning recipe): its task vectors are heavy-tailed like
   # large models' are, where Adam's per-coordinate normalization makes this small model's task
-  # vectors flat (":adamw" switches back; README: the regime checks of both).
+  # vectors flat (":adamw" switches back; README: the regime checks of both). Layer-wise
+  # learning-rate decay (BEiT's fine-tuning recipe) keeps the input embedding, which every
+  # task shares, near θ0: without it DARE's rescaled drop breaks the texture task's embedding.
   config.zoo.finetune = dict(
     optimizer="sgd",
     momentum=0.9,
+    layer_decay=0.75,
     steps=1000,
     batch_size=64,
     learning_rate=3e-3,
@@ -96,6 +99,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.zoo.multitask = dict(
     optimizer="sgd",
     momentum=0.9,
+    layer_decay=0.75,
     steps=1000,
     batch_size=32,
     learning_rate=3e-3,
@@ -133,7 +137,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     "emr",
     "tall_masks",
     "tsv_c",
+    "fisher",
+    "regmean",
+    "regmean_plusplus",
   )
+  # The data-dependent rules' statistics: each expert on the first `max_examples` training
+  # examples of its own task (FusionBench's 256), through its frozen head.
+  config.statistics = dict(max_examples=256, batch_size=64)
   config.grids = ml_collections.ConfigDict()
   config.grids.task_arithmetic = dict(scale=_TA_SCALES)
   config.grids.ties = dict(density=(0.1, 0.2, 0.3), scale=_MEAN_SCALES)
@@ -170,7 +180,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   if "adamw" in switches:
     for section in (config.zoo.finetune, config.zoo.multitask):
-      section.update(optimizer="adamw", learning_rate=1e-4, steps=800)
+      section.update(optimizer="adamw", learning_rate=1e-4, steps=800, layer_decay=1.0)
   if "wide" in switches:
     config.zoo.model.width = 512
   if "vit" in switches:
@@ -196,12 +206,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       steps=10, batch_size=16, learning_rate=0.03, warmup_steps=2, chunk=10
     )
     config.zoo.multitask.update(steps=10, batch_size=8, warmup_steps=2, chunk=10)
+    config.statistics = dict(max_examples=16, batch_size=8)
     config.regime.disentanglement_coeffs = (0.0, 1.0)
     config.regime.map_coeffs = (0.0, 1.0)
     config.regime.max_pairs = 1
-    # One rule of each kind (plain, sparsified, task-specific, spectral): the rules themselves
-    # are tested elsewhere; the smoke run checks the pipeline.
-    config.rules = ("task_arithmetic", "ties", "emr", "tsv_m")
+    # One rule of each kind (plain, sparsified, task-specific, spectral, data-dependent): the rules
+    # themselves are tested elsewhere; the smoke run checks the pipeline.
+    config.rules = (
+      "task_arithmetic",
+      "ties",
+      "emr",
+      "tsv_m",
+      "fisher",
+      "regmean",
+      "regmean_plusplus",
+    )
     config.grids.task_arithmetic = dict(scale=(0.0, 0.3, 0.6, 1.0))
     config.grids.ties = dict(density=(0.2,), scale=(0.5, 1.0))
     config.grids.dare = dict(density=(0.3,), scale=(0.3, 0.6))

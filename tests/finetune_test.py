@@ -187,3 +187,63 @@ def test_sgd_fine_tuning_moves_the_backbone_only(mode):
     np.asarray(jax.tree.leaves(params["backbone"])[0]),
   )
   assert np.isfinite(losses).all()
+
+
+def test_layer_indices_of_a_residual_mlp_and_a_vit():
+  resmlp = {
+    "embed": {"kernel": 0},
+    "block_0": {"dense_in": {"kernel": 0}},
+    "block_2": {"ln": {"scale": 0}},
+    "ln_final": {"scale": 0},
+  }
+  layers, num = finetune.layer_indices(resmlp)
+  assert num == 3
+  assert layers == {
+    "embed": {"kernel": 0},
+    "block_0": {"dense_in": {"kernel": 1}},
+    "block_2": {"ln": {"scale": 3}},
+    "ln_final": {"scale": 4},
+  }
+  vit = {"embedding": {"kernel": 0}, "cls": 0, "pos_embedding": 0, "block_0": {"w": 0}, "head": 0}
+  layers, num = finetune.layer_indices(vit)
+  assert num == 1
+  assert layers == {
+    "embedding": {"kernel": 0},
+    "cls": 0,
+    "pos_embedding": 0,
+    "block_0": {"w": 1},
+    "head": 2,
+  }
+  with pytest.raises(ValueError, match="name their block"):
+    finetune.layer_indices({"dense": {"kernel": 0}})
+
+
+def test_layer_decay_scales_each_layers_step():
+  # SGD without momentum or decay, constant rate: the step is -lr * decay**(L + 1 - layer) * g.
+  cfg = finetune.TrainConfig(
+    optimizer="sgd",
+    momentum=0.0,
+    learning_rate=0.1,
+    warmup_steps=0,
+    steps=10**6,
+    weight_decay=0.0,
+    layer_decay=0.5,
+  )
+  params = {
+    "embed": jnp.ones(2),
+    "block_0": jnp.ones(2),
+    "block_1": jnp.ones(2),
+    "ln_final": jnp.ones(2),
+  }
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = finetune.make_optimizer(cfg)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = {"embed": 0.125, "block_0": 0.25, "block_1": 0.5, "ln_final": 1.0}
+  for name, factor in expected.items():
+    np.testing.assert_allclose(updates[name], -0.1 * factor * np.ones(2), rtol=1e-6)
+  # 1.0 is the plain optimizer, bit for bit.
+  plain = finetune.make_optimizer(cfg._replace(layer_decay=1.0))
+  ref, _ = plain.update(grads, plain.init(params), params)
+  chex.assert_trees_all_equal(ref["embed"], -0.1 * jnp.ones(2))
+  with pytest.raises(ValueError, match="layer_decay must be in"):
+    finetune.make_optimizer(cfg._replace(layer_decay=1.5))

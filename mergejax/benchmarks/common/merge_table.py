@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import rules
+from mergejax import statistics as stats_lib
 from mergejax.benchmarks.common import evaluate
 from mergejax.tree import Params
 
@@ -212,3 +213,43 @@ def scale_curve(trace, reference: Sequence[float]) -> dict[str, list[float]]:
     "norm": [float(by_scale[s].mean()) for s in scales],
     "avg": [float((by_scale[s] * ref).mean()) for s in scales],
   }
+
+
+def data_statistics(
+  rule: str,
+  apply_fns: Sequence[Callable[[Params, Any], Any]],
+  experts: Sequence[Params],
+  train: Sequence[Mapping[str, np.ndarray]],
+  *,
+  max_examples: int,
+  batch_size: int,
+) -> list[Any]:
+  """Each expert's statistics for a data-dependent rule, from its own task's training data.
+
+  Args:
+    rule: "fisher", "regmean" or "regmean_plusplus".
+    apply_fns: per task, `logits = apply_fn(backbone, x)` through the task's frozen head.
+    experts: the experts' backbones, one per task.
+    train: per task, {"x", "y"} training arrays.
+    max_examples: examples per task (the first ones; FusionBench uses 256).
+    batch_size: examples per batch.
+
+  Returns:
+    One statistics tree per expert, as `rules.merge(rule, ..., statistics=...)` takes them.
+  """
+  batches = [list(stats_lib.batched({"x": d["x"][:max_examples]}, batch_size)) for d in train]
+  if rule == "fisher":  # Expected labels (the model's predictive distribution), per example.
+    return [
+      stats_lib.fisher_statistics(fn, expert, b)
+      for fn, expert, b in zip(apply_fns, experts, batches, strict=True)
+    ]
+  if rule == "regmean":
+    return [
+      stats_lib.regmean_statistics(fn, expert, b)
+      for fn, expert, b in zip(apply_fns, experts, batches, strict=True)
+    ]
+  if rule == "regmean_plusplus":
+    return stats_lib.regmean_plusplus_statistics(list(apply_fns), experts, batches)
+  raise ValueError(
+    f"No statistics recipe for rule {rule!r}; known: fisher, regmean, regmean_plusplus."
+  )

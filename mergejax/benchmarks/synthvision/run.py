@@ -18,6 +18,7 @@ Selection never looks at test: every grid point is scored on validation only. Re
 adapt on unlabeled test inputs (AdaMerging, DV-BASI unsupervised) are marked transductive (†).
 """
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,18 @@ def run_seed(
       grid = config.grids.get(rule)
       grid = grid.to_dict() if grid is not None else None
       extra = rules.add_key(rule, {}, seed)
+      if rules.REGISTRY[rule].data_dependent:
+        if mode == "linearized":  # Statistics of the Taylor model are not defined here.
+          continue
+        stats_start = time.time()
+        extra["statistics"] = merge_table.data_statistics(
+          rule,
+          [functools.partial(zoo.apply_fn(mode), task=t) for t in range(len(zoo.tasks))],
+          experts,
+          zoo.learned_splits()["train"],
+          **config.statistics.to_dict(),
+        )
+        selection[f"{rule} statistics ({mode})"] = round(time.time() - stats_start, 2)
       best, val_acc, test_acc, trace = merge_table.run_rule(
         rule, zoo.base, experts, accuracy, expert_val[mode], grid, extra
       )
