@@ -29,7 +29,6 @@ every expert's task vector, decay towards θ0 adds none.
 """
 
 import functools
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,7 +39,7 @@ import numpy as np
 import optax
 import tqdm
 
-from mergejax import losses
+from mergejax import layer_decay, losses
 from mergejax.tree import Params
 
 MODES = ("standard", "sam", "asam", "linearized")
@@ -62,7 +61,8 @@ class TrainConfig(NamedTuple):
     optimizer: "adamw" or "sgd" (with momentum).
     momentum: SGD's momentum (heavy ball); unused by AdamW.
     layer_decay: layer-wise learning-rate decay (BEiT, ELECTRA): a leaf of layer l of a model
-      with L blocks learns at `learning_rate * layer_decay ** (L + 1 - l)`, see `layer_indices`
+      with L blocks learns at `learning_rate * layer_decay ** (L + 1 - l)`, see
+      `mergejax.layer_decay`
       (1.0: the same rate everywhere). Its weight decay scales with it.
   """
 
@@ -172,75 +172,6 @@ def add_decayed_weights_towards_init(weight_decay: float) -> optax.GradientTrans
 
 OPTIMIZERS = ("adamw", "sgd")
 
-# A transformer / residual block's index in a leaf path ("block_2/mlp/kernel", "layers_0/...").
-_BLOCK = re.compile(r"(?:^|/)(?:block|blocks|layer|layers|encoderblock)_(\d+)(?:/|$)")
-# Leaves below the first block: the input embedding, class token, position embedding, stem.
-_EMBEDDING = re.compile(r"embed|(?:^|/)(?:cls|pos|stem)(?:_|/|$)")
-
-
-def layer_indices(params: Params) -> tuple[Params, int]:
-  """Each leaf's layer for layer-wise learning-rate decay, from its path.
-
-  Leaves of block i (a path component `block_i`, `blocks_i`, `layer_i`, `layers_i` or
-  `encoderblock_i`) are layer i + 1; the embedding, class token, position embedding and stem
-  (paths matching "embed", "cls", "pos", "stem") layer 0; every other leaf (final norms, heads)
-  the top, L + 1.
-
-  Args:
-    params: the trainable parameters.
-
-  Returns:
-    (a pytree of ints like `params`, L = the number of blocks).
-
-  Raises:
-    ValueError: no leaf path names a block.
-  """
-  paths = {jax.tree_util.keystr(kp, simple=True, separator="/") for kp, _ in _leaves(params)}
-  blocks = [int(m.group(1)) for p in paths if (m := _BLOCK.search(p))]
-  if not blocks:
-    raise ValueError(
-      f"layer_decay needs leaf paths that name their block (block_<i>, layers_<i>, ...); "
-      f"none of {sorted(paths)[:5]}... does. Use layer_decay=1.0 for this model."
-    )
-  num_layers = max(blocks) + 1
-
-  def layer(kp, _):
-    path = jax.tree_util.keystr(kp, simple=True, separator="/")
-    if m := _BLOCK.search(path):
-      return int(m.group(1)) + 1
-    return 0 if _EMBEDDING.search(path) else num_layers + 1
-
-  return jax.tree_util.tree_map_with_path(layer, params), num_layers
-
-
-def _leaves(params):
-  return jax.tree_util.tree_flatten_with_path(params)[0]
-
-
-def scale_by_layer_decay(layer_decay: float) -> optax.GradientTransformation:
-  """Scales each leaf's update by `layer_decay ** (L + 1 - layer)` (see `layer_indices`).
-
-  Args:
-    layer_decay: the decay per layer, in (0, 1].
-
-  Returns:
-    A stateless optax transformation (the scales follow from the updates' paths).
-  """
-  if not 0.0 < layer_decay <= 1.0:
-    raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}.")
-
-  def update_fn(updates, state, params=None):
-    del params
-    layers, num_layers = layer_indices(updates)
-    scaled = jax.tree.map(
-      lambda u, layer: u * jnp.asarray(layer_decay ** (num_layers + 1 - layer), u.dtype),
-      updates,
-      layers,
-    )
-    return scaled, state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
 
 def make_optimizer(cfg: TrainConfig, *, mode: str = "standard") -> optax.GradientTransformation:
   """AdamW or SGD with warm-up + cosine decay (and layer-wise decay), in SAM / ASAM for those modes.
@@ -277,7 +208,7 @@ def make_optimizer(cfg: TrainConfig, *, mode: str = "standard") -> optax.Gradien
   else:
     opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   if cfg.layer_decay != 1.0:
-    opt = optax.chain(opt, scale_by_layer_decay(cfg.layer_decay))
+    opt = optax.chain(opt, layer_decay.scale_by_layer_decay(cfg.layer_decay))
   if mode == "sam":
     adv = optax.chain(optax.contrib.normalize(), optax.sgd(cfg.rho))
   elif mode == "asam":

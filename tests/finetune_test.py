@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import finetune, losses, models
+from mergejax import finetune, layer_decay, losses, models
 from mergejax.benchmarks.common.data import Split
 
 
@@ -196,7 +196,7 @@ def test_layer_indices_of_a_residual_mlp_and_a_vit():
     "block_2": {"ln": {"scale": 0}},
     "ln_final": {"scale": 0},
   }
-  layers, num = finetune.layer_indices(resmlp)
+  layers, num = layer_decay.layer_indices(resmlp)
   assert num == 3
   assert layers == {
     "embed": {"kernel": 0},
@@ -205,7 +205,7 @@ def test_layer_indices_of_a_residual_mlp_and_a_vit():
     "ln_final": {"scale": 4},
   }
   vit = {"embedding": {"kernel": 0}, "cls": 0, "pos_embedding": 0, "block_0": {"w": 0}, "head": 0}
-  layers, num = finetune.layer_indices(vit)
+  layers, num = layer_decay.layer_indices(vit)
   assert num == 1
   assert layers == {
     "embedding": {"kernel": 0},
@@ -215,7 +215,7 @@ def test_layer_indices_of_a_residual_mlp_and_a_vit():
     "head": 2,
   }
   with pytest.raises(ValueError, match="name their block"):
-    finetune.layer_indices({"dense": {"kernel": 0}})
+    layer_decay.layer_indices({"dense": {"kernel": 0}})
 
 
 def test_layer_decay_scales_each_layers_step():

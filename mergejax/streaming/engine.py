@@ -11,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from mergejax import lapack_threads, leafwise, sparsify
 from mergejax import tree as tree_lib
@@ -30,7 +29,9 @@ from mergejax.streaming.programs import (
   _program,
   _signature,
   _size,
+  check_outputs,
   default_budget_bytes,
+  warn_in_memory,
 )
 
 
@@ -317,15 +318,7 @@ class StreamingMerge:
 
   def _merge_in_memory(self) -> None:
     """Fallback for rules that cannot stream: `rules.merge` on the merged leaves."""
-    # At least the inputs in float32 and the output: said before the merge, which may not fit.
-    need = 4 * sum(int(np.size(self.base[p])) for p in self.merged_paths) * (len(self.experts) + 2)
-    if need > self.budget:
-      logging.warning(
-        "%s; merging in memory needs at least %s, above the memory budget of %s.",
-        self.reason,
-        _size(need),
-        _size(self.budget),
-      )
+    warn_in_memory(self.reason, self.base, self.merged_paths, len(self.experts), self.budget)
     base = {p: self.base[p] for p in self.merged_paths}
     experts = [{p: e[p] for p in self.merged_paths} for e in self.experts]
     merged = front_door.merge(
@@ -376,8 +369,7 @@ class StreamingMerge:
     x = np.asarray(x)
     return x if not tree_lib.is_float(x) else x.astype(self.output_dtype(path))
 
-  def _blas(self):
-    """One BLAS thread under the executions of a LAPACK rule (see `lapack_threads`)."""
+  def _blas(self):  # One BLAS thread under a LAPACK rule's executions (see lapack_threads).
     return lapack_threads.single_threaded_blas() if self.rule.lapack else contextlib.nullcontext()
 
   def _run_group(self, group: int) -> None:
@@ -399,21 +391,10 @@ class StreamingMerge:
       else:
         models = [out]
       if self.check:
-        self._check(path, models, report)
+        check_outputs(path, self.base, self.experts, models, report)
       for t, m in enumerate(models):
         x = hosts.to_host(m["x"])
         want = self.output_dtype(path)
         self._cache[(path, t)] = x if x.dtype == want else x.astype(want)
     if self.timings.first_leaf_s is None:
       self.timings.first_leaf_s = time.perf_counter() - self._started
-
-  def _check(self, path, models, report) -> None:
-    if np.isfinite(hosts.to_host(report)).all():
-      return
-    front_door._check_inputs({path: self.base[path]}, [{path: e[path]} for e in self.experts])
-    for m in models:
-      tree_lib.check_finite(
-        {path: m["x"]},
-        name="the merged model",
-        hint="the inputs are finite, so the hyper-parameters make the merge overflow",
-      )

@@ -10,9 +10,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.extend import core as jax_core
 
 from mergejax import leafwise
+from mergejax import tree as tree_lib
+from mergejax.distributed import hosts
 from mergejax.rules import front_door
 from mergejax.rules.task_specific import TaskSpecificMerge
 
@@ -133,3 +136,30 @@ def _program(fn, static, with_stats, check, totals_only, out_dtype):
     return jax.tree.map(lambda x: x if out_dtype is None else x.astype(out_dtype), out), report
 
   return run
+
+
+def warn_in_memory(reason: str, base, paths, num_experts: int, budget: int) -> None:
+  """Warns, before an in-memory fallback merge, when it needs more than the budget: at least
+  the inputs in float32 and the output."""
+  need = 4 * sum(int(np.size(base[p])) for p in paths) * (num_experts + 2)
+  if need > budget:
+    logging.warning(
+      "%s; merging in memory needs at least %s, above the memory budget of %s.",
+      reason,
+      _size(need),
+      _size(budget),
+    )
+
+
+def check_outputs(path: str, base, experts, models, report) -> None:
+  """Raises, naming the leaf (and the expert, if an input is not finite), when a streamed leaf's
+  finite check (`report`, fused into its merge) failed."""
+  if np.isfinite(hosts.to_host(report)).all():
+    return
+  front_door._check_inputs({path: base[path]}, [{path: e[path]} for e in experts])
+  for m in models:
+    tree_lib.check_finite(
+      {path: m["x"]},
+      name="the merged model",
+      hint="the inputs are finite, so the hyper-parameters make the merge overflow",
+    )
