@@ -345,5 +345,27 @@ class ValidationTest(chex.TestCase):
       rules.merge("iso_cts", base, experts, common_fraction=0.1, layout="torch")
 
 
+def test_a_failed_divide_and_conquer_svd_falls_back_to_qr(monkeypatch):
+  # gesdd returns NaNs when it does not converge (seen under jit on a near-singular ISO-CTS
+  # basis); the fallback recomputes that matrix with QR iteration, and only that matrix.
+  x = jax.random.normal(jax.random.key(0), (6, 4))
+  real_svd = jnp.linalg.svd
+  expected = real_svd(x, full_matrices=False)
+
+  def failing(a, full_matrices=True):
+    u, s, vt = real_svd(a, full_matrices=full_matrices)
+    return u * jnp.nan, s, vt
+
+  monkeypatch.setattr(jnp.linalg, "svd", failing)
+  u, s, vt = jax.jit(spectral._svd)(x)
+  assert np.isfinite(np.asarray(u)).all()
+  np.testing.assert_allclose(s, expected[1], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(u * s) @ np.asarray(vt), np.asarray(x), atol=1e-5)
+  monkeypatch.setattr(jnp.linalg, "svd", real_svd)
+  chex.assert_trees_all_equal(
+    jax.jit(spectral._svd)(x), jax.jit(real_svd, static_argnums=1)(x, False)
+  )
+
+
 if __name__ == "__main__":
   absltest.main()

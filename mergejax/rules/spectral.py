@@ -77,7 +77,18 @@ def _svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   matrices gives the same bits, and no pool thread waits on another.
   """
   if x.ndim == 2:
-    return jnp.linalg.svd(x, full_matrices=False)
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    # LAPACK's divide and conquer (gesdd) can fail to converge and then returns NaNs (seen on a
+    # near-singular 256x256 ISO-CTS basis, under jit only); QR iteration (gesvd) is slower but
+    # robust. Computed only for a failed matrix, so successful SVDs keep their bits.
+    failed = ~(jnp.isfinite(s).all() & jnp.isfinite(u).all() & jnp.isfinite(vt).all())
+    return jax.lax.cond(
+      failed & jnp.isfinite(x).all(),
+      lambda: tuple(
+        jax.lax.linalg.svd(x, full_matrices=False, algorithm=jax.lax.linalg.SvdAlgorithm.QR)
+      ),
+      lambda: (u, s, vt),
+    )
   parts = [_svd(m) for m in x]
   u, s, vt = (jnp.stack(p) for p in zip(*parts, strict=True))
   return u, s, vt
