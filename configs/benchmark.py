@@ -27,6 +27,9 @@ _SWITCHES = {"smoke", "runlocal", "regime", "nolearned", "sam", "adamw", "wide",
 # need λ around 1 and get a wider grid.
 _TA_SCALES = tuple(round(0.05 * i, 2) for i in range(21))
 _MEAN_SCALES = tuple(round(0.1 * i, 1) for i in range(1, 21))
+# ISO-C / ISO-CTS flatten the spectrum to its mean singular value, which shrinks the top
+# directions: their α sits higher (both chose 2.0, the top of _MEAN_SCALES, in a first run).
+_ISO_SCALES = tuple(round(0.1 * i, 1) for i in range(5, 41))
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -147,17 +150,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.grids = ml_collections.ConfigDict()
   config.grids.task_arithmetic = dict(scale=_TA_SCALES)
   config.grids.ties = dict(density=(0.1, 0.2, 0.3), scale=_MEAN_SCALES)
-  config.grids.dare = dict(density=(0.1, 0.3), scale=_TA_SCALES[1:])
-  config.grids.dare_ties = dict(density=(0.1, 0.2, 0.3), scale=_MEAN_SCALES)
+  # Densities: the papers' search spaces (TIES: k in {10, 20, 30}%; TALL masks: λ in 0.2-0.6),
+  # widened where a first run chose the edge of ours (DARE, DARE-TIES, DELLA).
+  config.grids.dare = dict(density=(0.1, 0.3, 0.5, 0.7, 0.9), scale=_TA_SCALES[1:])
+  config.grids.dare_ties = dict(density=(0.1, 0.2, 0.3, 0.5, 0.7), scale=_MEAN_SCALES)
   config.grids.breadcrumbs = dict(
     density=(0.1, 0.15, 0.2), gamma=(0.001, 0.006, 0.01), scale=_TA_SCALES[1:]
   )
-  config.grids.della = dict(density=(0.3, 0.5, 0.7), scale=_MEAN_SCALES)
+  config.grids.della = dict(density=(0.3, 0.5, 0.7, 0.9), scale=_MEAN_SCALES)
   config.grids.consensus = dict(tall_lambda=(0.2, 0.4, 0.6), scale=_TA_SCALES[1:])
   config.grids.magmax = dict(scale=_MEAN_SCALES)
   config.grids.tsv_m = dict(scale=_MEAN_SCALES)
-  config.grids.iso_c = dict(scale=_MEAN_SCALES)
-  config.grids.iso_cts = dict(scale=_MEAN_SCALES)
+  config.grids.iso_c = dict(scale=_ISO_SCALES)
+  config.grids.iso_cts = dict(scale=_ISO_SCALES)
   config.grids.tall_masks = dict(tall_lambda=(0.2, 0.4, 0.6))
 
   # Learned merging (mergejax.learned): every recipe of configs/learned/ on each mode's experts,
