@@ -8,14 +8,17 @@ like a released CLIP checkpoint; the experts and the multi-task model are the se
 2. references: zero-shot, experts and multi-task accuracy and entropy;
 3. regime: every statistic of `mergejax.benchmarks.common.regime` for the experts of
    `config.regime.mode`, next to its target;
-4. data-free rules: hyper-parameters selected on validation (`common.merge_table`), test reported;
+4. rules: hyper-parameters selected on validation (`common.merge_table`), test reported; the
+   data-dependent ones (Fisher, RegMean, RegMean++) with each expert's statistics from
+   `config.statistics.max_examples` training examples of its own task;
 5. learned merging: every recipe of configs/learned/ (`common.learned_table`);
 
 then the seeds are aggregated (mean ± std) and `results.json` / `results.md` are written with the
 regime first, the table, the literature's orderings checked against it, and the plots.
 
 Selection never looks at test: every grid point is scored on validation only. Recipes that
-adapt on unlabeled test inputs (AdaMerging, DV-BASI unsupervised) are marked transductive (†).
+adapt on unlabeled test inputs (AdaMerging, aTLAS and DV-BASI unsupervised) are marked
+transductive (†).
 """
 
 import functools
