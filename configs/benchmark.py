@@ -97,19 +97,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.zoo.rho = dict(sam=0.05, asam=0.5)
   # Fine-tuning modes built into the zoo: standard | sam | asam | linearized.
   config.zoo.modes = ("standard", "sam") if "sam" in switches else ("standard",)
-  # The multi-task reference: every task through its own frozen head, `batch_size` per task.
-  config.zoo.multitask = dict(
-    optimizer="sgd",
-    momentum=0.9,
-    layer_decay=0.75,
-    steps=1000,
-    batch_size=32,
-    learning_rate=3e-3,
-    warmup_steps=30,
-    weight_decay=0.1,
-    decay_to_init=True,
-    chunk=100,
-  )
+  # The multi-task reference: the experts' recipe on every task at once, each through its own
+  # frozen head, `batch_size` per task.
+  config.zoo.multitask = dict(config.zoo.finetune.to_dict(), batch_size=32)
 
   # Regime checks (mergejax.benchmarks.common.regime); the targets are the issue's.
   config.regime = ml_collections.ConfigDict()

@@ -133,6 +133,34 @@ def run_rule(
   return best, val, test, trace
 
 
+def rule_row(
+  rule: str,
+  mode: str,
+  base: Params,
+  experts: Sequence[Params],
+  accuracy: AccuracyFn,
+  expert_val: Sequence[float],
+  expert_test: Sequence[float],
+  grid: Mapping[str, Sequence[Any]] | None,
+  extra: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, list[float]] | None, int]:
+  """`run_rule`, as a benchmark table reports it.
+
+  Args:
+    rule, base, experts, accuracy, expert_val, grid, extra: as `run_rule`.
+    mode: the experts' fine-tuning mode (the row's "experts" column).
+    expert_test: the experts' own test accuracies (normalized accuracy's reference).
+
+  Returns:
+    (the table row, its validation curve over λ or None without a "scale" grid, grid points).
+  """
+  best, val_acc, test_acc, trace = run_rule(rule, base, experts, accuracy, expert_val, grid, extra)
+  curve = scale_curve(trace, expert_val) if grid and "scale" in grid else None
+  label = RULE_LABELS.get(rule, rule)
+  row = evaluate.result_row(label, mode, best, test_acc, expert_test, val_acc)
+  return row, curve, len(trace)
+
+
 class _ScaledSweep:
   """Merges for a validation sweep, reusing one merge per point of the non-λ hyper-parameters.
 

@@ -106,15 +106,14 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
       extra = rules.add_key(rule, {}, config.seed)
       grid = config.grids.get(rule)
       grid = grid.to_dict() if grid is not None else None
-      best, val_acc, test_acc, trace = merge_table.run_rule(
-        rule, base, experts, mode_accuracy, expert_val[mode], grid, extra
+      row, curve, points = merge_table.rule_row(
+        rule, mode, base, experts, mode_accuracy, expert_val[mode], expert_test[mode], grid, extra
       )
-      if grid and "scale" in grid:
-        curves[f"{rule} ({mode})"] = merge_table.scale_curve(trace, expert_val[mode])
-      label = merge_table.RULE_LABELS.get(rule, rule)
-      rows.append(_row(label, mode, best, test_acc, expert_test[mode], val_acc))
+      rows.append(row)
+      if curve is not None:
+        curves[f"{rule} ({mode})"] = curve
       selection[f"{rule} ({mode})"] = {
-        "grid_points": len(trace),
+        "grid_points": points,
         "seconds": round(time.time() - rule_start, 2),
       }
 

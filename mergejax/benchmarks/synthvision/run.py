@@ -118,15 +118,14 @@ def run_seed(
           **config.statistics.to_dict(),
         )
         selection[f"{rule} statistics ({mode})"] = round(time.time() - stats_start, 2)
-      best, val_acc, test_acc, trace = merge_table.run_rule(
-        rule, zoo.base, experts, accuracy, expert_val[mode], grid, extra
+      row, curve, points = merge_table.rule_row(
+        rule, mode, zoo.base, experts, accuracy, expert_val[mode], expert_test[mode], grid, extra
       )
-      if grid and "scale" in grid:
-        curves[f"{rule} ({mode})"] = merge_table.scale_curve(trace, expert_val[mode])
-      label = merge_table.RULE_LABELS.get(rule, rule)
-      rows.append(_row(label, mode, best, test_acc, expert_test[mode], val_acc))
+      rows.append(row)
+      if curve is not None:
+        curves[f"{rule} ({mode})"] = curve
       selection[f"{rule} ({mode})"] = {
-        "grid_points": len(trace),
+        "grid_points": points,
         "seconds": round(time.time() - rule_start, 2),
       }
     if config.learned.enabled and mode in (config.learned.modes or modes):
