@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench_util  # launch/ is the script's directory, so on sys.path.
 import numpy as np
 from absl import app, flags
 from safetensors.numpy import load_file, save_file
@@ -179,16 +180,7 @@ def main(argv):
     experts.append(work / f"expert{t}")
   weights = WEIGHTS[: len(experts)]
   wtuple = "(" + ", ".join(str(w) for w in weights) + ")"
-  version = subprocess.run(
-    [
-      str(Path(_MERGEKIT.value).parent / "python"),
-      "-c",
-      "import importlib.metadata as m; print(m.version('mergekit'))",
-    ],
-    capture_output=True,
-    text=True,
-    check=True,
-  ).stdout.strip()
+  version = bench_util.mergekit_version(_MERGEKIT.value)
   print(
     f"mergekit {version}; Qwen2-shaped model, hidden {cfg['hidden_size']}, "
     f"{len(base_t)} tensors, {sum(x.size for x in base_t.values())} entries, "
