@@ -178,3 +178,23 @@ def tall_masks(
 def consensus_mask(masks: Sequence[Params], min_tasks: int = 2) -> Params:
   """Entries selected by at least `min_tasks` of the masks (Consensus merging, k = 2)."""
   return jax.tree.map(lambda *ms: sum(m.astype(jnp.int32) for m in ms) >= min_tasks, *masks)
+
+
+def election_total(stats, election: str, weights, num_experts: int) -> jax.Array:
+  """The sign election's zero-sum fallback statistic from a trim's `selection.TopKStats`.
+
+  Args:
+    stats: the kept entries' sums (one group per expert, or per expert and leaf).
+    election: "mass" (Σ of the kept values) or "count" (Σ of their signs).
+    weights: per-expert weights or None (see `weigh`).
+    num_experts: T.
+
+  Returns:
+    A float32 scalar: what `elect_sign` would sum over the trimmed, weighted vectors.
+  """
+  per_group = stats.kept_sum if election == "mass" else stats.kept_sign_sum
+  if weights is None:
+    return jnp.sum(per_group)
+  w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (num_experts,))
+  signs = w if election == "mass" else jnp.sign(w)
+  return jnp.sum(per_group.reshape(num_experts, -1).sum(1) * signs)

@@ -66,7 +66,9 @@ def _fmix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def uniform_from_key_data(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def uniform_from_key_data(
+  key_data: jax.Array, shape: tuple[int, ...], offset: jax.Array | None = None
+) -> jax.Array:
   """Counter-based uniforms in [0, 1): u_i = hash(i, key words), 24-bit resolution.
 
   Each entry is a pure function of its index and the leaf's jax.random key, so masks are
@@ -77,12 +79,17 @@ def uniform_from_key_data(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Ar
   Args:
     key_data: uint32 [W] words of a leaf key (from `leaf_key_data`).
     shape: the leaf's shape.
+    offset: None, or the flat index of entry 0 (a chunk of a flattened leaf: its uniforms are
+      the leaf's at those indices).
 
   Returns:
     float32 array of `shape`.
   """
   size = int(np.prod(shape)) if shape else 1
-  x = lax.iota(jnp.uint32, size).reshape(shape) * jnp.uint32(0x9E3779B9)
+  index = lax.iota(jnp.uint32, size)
+  if offset is not None:
+    index = index + jnp.asarray(offset, jnp.uint32)
+  x = index.reshape(shape) * jnp.uint32(0x9E3779B9)
   for w in range(key_data.shape[-1]):
     x = _fmix32(x ^ key_data[w])
   return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
@@ -91,14 +98,15 @@ def uniform_from_key_data(key_data: jax.Array, shape: tuple[int, ...]) -> jax.Ar
 def _map_with_uniforms(vectors: Sequence[Params], key: jax.Array, fn) -> list[Params]:
   """Returns, per vector, the tree of `fn(leaf, uniforms shaped like leaf)`, one key per
   (expert, leaf path)."""
+  offset = None
   if isinstance(key, leafwise.FoldedKeys):  # The streaming engine's per-leaf calls.
-    data = key.data
+    data, offset = key.data, key.offset
   else:
     paths = [path_str(p) for p, _ in jax.tree.flatten_with_path(vectors[0])[0]]
     data = leaf_key_data(key, len(vectors), paths)
   out = []
   for t, vector in enumerate(vectors):
     leaves, treedef = jax.tree.flatten(vector)
-    new = [fn(x, uniform_from_key_data(data[t, i], x.shape)) for i, x in enumerate(leaves)]
+    new = [fn(x, uniform_from_key_data(data[t, i], x.shape, offset)) for i, x in enumerate(leaves)]
     out.append(jax.tree.unflatten(treedef, new))
   return out

@@ -88,3 +88,5 @@ class FoldedKeys:
   way than through `sparsify` fails loudly instead of drawing other masks."""
 
   data: jax.Array  # uint32 [T, L, W].
+  # Flat index of the leaf's first entry: a chunk of a flattened leaf draws the leaf's uniforms.
+  offset: jax.Array | None = None

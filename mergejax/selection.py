@@ -49,6 +49,11 @@ def across_devices() -> Iterator[None]:
     _STATE.split = previous
 
 
+def on_host_allowed() -> bool:
+  """Whether a computation may leave XLA for NumPy on CPU (not while tracing a split program)."""
+  return not getattr(_STATE, "split", False)
+
+
 class TopKStats(NamedTuple):
   """Per group: the k-th largest |x − origin| and statistics of the entries at or above it."""
 
@@ -191,6 +196,9 @@ def _host_group_stats(arrays, origins, k):
   # Leaf by leaf through scratch buffers sized for the largest leaf: they stay in cache, which
   # makes these passes several times faster than whole-model temporaries. np.compress, not
   # boolean indexing: the latter is ~8x slower on a random mask.
+  # A k-th largest of 0 (vectors mostly zero, as after DARE's drop): keep only the nonzeros (zeros
+  # add nothing to the sums), so the partition below never runs over the zeros.
+  zero_floor = lo == 0
   largest = max(a.size for a in arrays)
   diff_buf = np.empty(largest, np.float32)
   mag_buf = np.empty(largest, np.float32)
@@ -204,9 +212,12 @@ def _host_group_stats(arrays, origins, k):
     else:
       np.subtract(a.reshape(-1), origins[i].reshape(-1), out=d, dtype=np.float32)
     np.abs(d, out=mag)
-    np.greater_equal(mag, lo, out=mask)
+    (np.greater if zero_floor else np.greater_equal)(mag, lo, out=mask)
     signed.append(np.compress(mask, d))
   candidates = np.concatenate(signed)
+  if zero_floor and candidates.size < k:  # Fewer than k nonzeros: the k-th largest is 0.
+    kept_sign = float(np.sum(np.sign(candidates), dtype=np.float64))
+    return np.float32(0.0), float(np.sum(candidates, dtype=np.float64)), kept_sign
   if candidates.size < k:  # Bracket failed: exact fallback over everything.
     candidates = np.concatenate([diff(i, a) for i, a in enumerate(arrays)])
   magnitude = np.abs(candidates)

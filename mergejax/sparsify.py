@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mergejax import selection
+from mergejax import row_ranks, selection
 from mergejax.leaf_random import (  # noqa: F401 (re-exported: the sparsifiers' randomness)
   _map_with_uniforms,
   leaf_key,
@@ -272,8 +272,9 @@ def breadcrumbs(
     n_keep = selection.count_for_fraction(m, density, "round" if counting == "round" else "floor")
     if counting == "mergekit":
       n_top = jnp.minimum(n_top, m - n_keep)
-    upper = selection.kth_largest_magnitude_per_row(rows, jnp.maximum(n_top, 1))
-    lower = selection.kth_largest_magnitude_per_row(rows, jnp.clip(n_top + n_keep, 1, m))
+    upper, lower = row_ranks.kth_largest_magnitudes_per_row(
+      rows, [jnp.maximum(n_top, 1), jnp.clip(n_top + n_keep, 1, m)]
+    )
     magnitude = jnp.abs(rows)
     keep = (magnitude >= lower[:, None]) & ((n_top == 0) | (magnitude < upper[:, None]))
     out = jnp.where(keep & (n_keep > 0), rows, 0.0)
@@ -324,7 +325,7 @@ def della_drop(
     rows, restore = _view_rows(x, scope, axis)
     u, _ = _view_rows(uniform, scope, axis)
     m = rows.shape[-1]
-    rank = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=-1), axis=-1).astype(jnp.float32)
+    rank = row_ranks.ranks_per_row(rows)
     spread = rank / max(m - 1, 1) * 2.0 - 1.0 if m > 1 else jnp.zeros_like(rank)
     p = jnp.clip(density + epsilon * spread, 1e-6, 1.0)
     return restore(jnp.where(u < p, rows / p, 0.0))

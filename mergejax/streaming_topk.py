@@ -39,7 +39,8 @@ def model_top_k_stats(
   pass detects, falls back); without a budget or a fitting band, its two passes.
 
   Args:
-    leaves: starts a pass over the leaves, yielding `(base_leaf, [expert leaves])`.
+    leaves: starts a pass over the leaves, yielding `(base_leaf, [expert leaves])`; a base leaf
+      None selects on the experts' leaves themselves.
     sizes: the leaves' entry counts.
     k: entries kept per expert.
     memory_budget: bytes of working memory the selection may use (None: stream).
@@ -51,7 +52,7 @@ def model_top_k_stats(
   if memory_budget is not None:  # The leaves, kept while they cost nothing (views) or fit.
     views, copies = [], 0
     for base, experts in leaves():  # Memory-mapped inputs: nothing is read here.
-      copies += sum(x.nbytes for x in (base, *experts) if x.flags.owndata)
+      copies += sum(x.nbytes for x in (base, *experts) if x is not None and x.flags.owndata)
       if copies > memory_budget // 2:
         views = None
         break
@@ -59,7 +60,7 @@ def model_top_k_stats(
   need = _CANDIDATE_BYTES * k + _SCRATCH_BYTES * max(sizes)
   if views is not None and need + copies <= memory_budget // 2:
     groups = [[xs[t] for _, xs in views] for t in range(len(views[0][1]))]
-    origins = [[b for b, _ in views]] * len(groups)
+    origins = None if views[0][0] is None else [[b for b, _ in views]] * len(groups)
     return selection.top_k_stats_eager(groups, [k] * len(groups), origins=origins)
   with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
 
@@ -127,17 +128,25 @@ class StreamingTopK:
 
     Calls for different groups may run in parallel threads (NumPy releases the GIL)."""
     for d in self._chunks(x, origin):
-      # |d|'s bit pattern >> 16, as intp: np.bincount is several times slower on uint32.
-      high = np.bitwise_and(np.right_shift(d.view(np.int32), 16), 0x7FFF).astype(np.intp)
       if not collect:
+        # |d|'s bit pattern >> 16, as intp: np.bincount is several times slower on uint32.
+        high = np.bitwise_and(np.right_shift(d.view(np.int32), 16), 0x7FFF).astype(np.intp)
         self.counts[group] += np.bincount(high, minlength=_BINS)
         continue
       low, top = self.bins[group]
-      above = np.compress(high > top, d)
+      # Bins through |d|'s bit pattern: bin(d) > top iff bits >= (top + 1) << 16.
+      bits = np.bitwise_and(d.view(np.uint32), np.uint32(0x7FFFFFFF))
+      is_above = bits >= np.uint32((top + 1) << 16)
+      above = np.compress(is_above, d)
       self.above[group] += above.size
       self.kept_sum[group] += np.sum(above, dtype=np.float64)
       self.kept_sign[group] += float(np.count_nonzero(above > 0) - np.count_nonzero(above < 0))
-      band = high == top if low == top else (high >= low) & (high <= top)
+      band = bits >= np.uint32(low << 16)
+      band &= ~is_above
+      if low == 0:  # Exact zeros are counted, not kept (after DARE's drop: most entries).
+        zero = bits == 0
+        self.zeros[group] += int(np.count_nonzero(zero))
+        band &= ~zero
       self.candidates[group].append(np.compress(band, d))
 
   def select(self) -> None:
@@ -164,12 +173,16 @@ class StreamingTopK:
         samples = [[] for _ in experts]
       blocks = min(-(-_SAMPLE_BLOCKS * size // n), -(-size // _BLOCK))
       starts = np.unique(rng.integers(0, max(size - _BLOCK, 0) + 1, blocks))
-      b = np.asarray(base).reshape(-1)
+      b = None if base is None else np.asarray(base).reshape(-1)
       for t, x in enumerate(experts):
         x = np.asarray(x).reshape(-1)
         for i in starts:
-          d = np.subtract(x[i : i + _BLOCK], b[i : i + _BLOCK], dtype=np.float32)
-          samples[t].append(np.right_shift(np.abs(d).view(np.int32), 16))
+          if b is None:
+            d = x[i : i + _BLOCK].astype(np.float32)
+          else:
+            d = np.subtract(x[i : i + _BLOCK], b[i : i + _BLOCK], dtype=np.float32)
+          # Bins; exact zeros below every bin (-1): the band never needs to hold them.
+          samples[t].append(np.where(d == 0, -1, np.right_shift(np.abs(d).view(np.int32), 16)))
     self.bins, expected = [], 0
     for k, sample in zip(self.ks, samples, strict=True):
       high = np.sort(np.concatenate(sample))[::-1]  # Bins, largest first.
@@ -177,6 +190,7 @@ class StreamingTopK:
       margin = _SIGMAS * np.sqrt(m * p * (1 - p)) + _SLACK
       top = int(high[min(int(m * p - margin), m - 1)]) if m * p - margin >= 0 else _BINS - 1
       low = int(high[int(np.ceil(m * p + margin))]) if m * p + margin < m else 0
+      top, low = max(top, 0), max(low, 0)
       self.bins.append((low, top))
       expected += 4 * int(np.count_nonzero((high >= low) & (high <= top)) / m * n)
     self._start_collecting()
@@ -187,6 +201,7 @@ class StreamingTopK:
     self.kept_sum = np.zeros(len(self.ks))
     self.kept_sign = np.zeros(len(self.ks))
     self.candidates = [[] for _ in self.ks]
+    self.zeros = np.zeros(len(self.ks), np.int64)  # Exact zeros in a band from bin 0.
 
   def finalize(self) -> TopKStats | None:
     """After pass 2: the `TopKStats` of every group ([G] float32); None if a sampled band missed
@@ -195,12 +210,15 @@ class StreamingTopK:
     for g, k in enumerate(self.ks):
       candidates = np.concatenate(self.candidates[g])
       rank = k - int(self.above[g])  # The k-th largest's rank inside the band.
-      if not 1 <= rank <= candidates.size:
+      if candidates.size < rank <= candidates.size + self.zeros[g]:
+        threshold, kept = np.float32(0.0), candidates  # The k-th largest is an exact zero.
+      elif not 1 <= rank <= candidates.size:
         return None
-      magnitude = np.abs(candidates)
-      index = candidates.size - rank
-      threshold = np.partition(magnitude, index)[index]
-      kept = candidates[magnitude >= threshold]
+      else:
+        magnitude = np.abs(candidates)
+        index = candidates.size - rank
+        threshold = np.partition(magnitude, index)[index]
+        kept = candidates[magnitude >= threshold]
       kept_sum = self.kept_sum[g] + np.sum(kept, dtype=np.float64)
       kept_sign = self.kept_sign[g] + float(np.sum(np.sign(kept), dtype=np.float64))
       out.append((threshold, kept_sum, kept_sign))

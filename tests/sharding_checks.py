@@ -24,18 +24,14 @@ from mergejax.learned import bases, loop, objectives, sharding
 from mergejax.learned import parametrizations as pz
 from mergejax.learned import step as step_lib
 from mergejax.rules import front_door
+from mergejax.testing.random_models import random_flat_models
 
 # Leaves that split along axis 0 (both meshes), along a later axis (8 devices), or stay whole.
 SHAPES = {"a/w": (16, 24), "c/k": (4, 32), "d": (5, 7)}
 
 
 def _models(n=3, seed=0):
-  rng = np.random.default_rng(seed)
-  base = {p: rng.standard_normal(s).astype(np.float32) for p, s in SHAPES.items()}
-  experts = [
-    {p: (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32) for p, x in base.items()}
-    for _ in range(n)
-  ]
+  base, experts = random_flat_models(SHAPES, n, seed)
   return tree_lib.unflatten(base), [tree_lib.unflatten(e) for e in experts]
 
 

@@ -16,19 +16,14 @@ from configs import merge as merge_config
 from mergejax import rules, streaming
 from mergejax import tree as tree_lib
 from mergejax.io import atomic, hf
+from mergejax.testing.random_models import random_flat_models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = {"a/w": (8, 6), "a/b": (6,), "c/w": (8, 6), "d": (5, 7), "e/scale": (7,)}
 
 
 def _models(n=3, shapes=SHAPES, seed=0):
-  rng = np.random.default_rng(seed)
-  base = {p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()}
-  experts = [
-    {p: (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32) for p, x in base.items()}
-    for _ in range(n)
-  ]
-  return base, experts
+  return random_flat_models(shapes, n, seed)
 
 
 def _in_memory(name, base, experts, **kwargs):
@@ -53,11 +48,10 @@ def test_streaming_equals_in_memory_bit_for_bit(name):
   budget = probe.timings.peak_working_set_bytes or 2**30
   engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=budget)
   assert engine.num_outputs == len(expected)
-  # These trim over the whole model inside jit (sparsify_combine's default; DARE-TIES's MergeLM
-  # default, a TIES trim after the drop), so the engine finds them not leaf-local and merges in
-  # memory; the result is still the in-memory one. TSV-C (a task-specific result) is found not
-  # leaf-local by the same check and falls back too (to be made leaf-local: issue 14 follow-up).
-  falls_back = {"sparsify_combine", "dare_ties", "tsv_c"}
+  # TSV-C (a task-specific result) is found not leaf-local, so the engine merges it in memory; the
+  # result is still the in-memory one. Whole-model trims stream through stream_stats hooks (TIES,
+  # sparsify_combine's ties_trim, DARE-TIES: rules.dare_trim, tests/dare_trim_test.py).
+  falls_back = {"tsv_c"}
   if engine.reason is None:
     assert name not in falls_back
     assert engine.timings.groups > 1, engine.timings
@@ -77,6 +71,9 @@ def test_streaming_equals_in_memory_bit_for_bit(name):
     ("della", {"combine": "sum", "scope": "leaf"}),
     ("consensus", {"combine": "ties_untrimmed"}),
     ("dare_ties", {"trim_density": None}),  # mergekit-style: no trim after the drop.
+    # No trim: no statistics (a random sparsifier: key given, optional for this rule).
+    ("sparsify_combine", {"sparsifier": "dare", "combine": "ties", "key": jax.random.key(1)}),
+    ("sparsify_combine", {"combine": "ties", "density": 0.4}),
   ],
 )
 def test_streaming_equals_in_memory_for_options(name, hparams):
@@ -121,6 +118,50 @@ def test_a_budget_below_one_leaf_fails_naming_it():
     ValueError, match=r"Leaf 'big' \(\(128, 128\), 3 experts\) needs .* KiB .* budget of 48.8 KiB"
   ):  # Below its output alone (64 KiB), whether or not XLA reads the inputs in place.
     streaming.StreamingMerge("task_arithmetic", base, experts, {}, memory_budget=50_000)
+
+
+@pytest.mark.parametrize(
+  "name,hparams",
+  [
+    ("task_arithmetic", {}),
+    ("ties", {}),
+    ("ties", {"trim_scope": "leaf"}),
+    ("dare", {"density": 0.3}),
+    ("dare_ties", {"density": 0.5}),
+    ("breadcrumbs", {"layout": "torch"}),
+    ("della", {"layout": "torch", "combine": "sum"}),
+  ],
+)
+def test_a_leaf_above_the_budget_is_merged_in_blocks_of_rows(name, hparams):
+  base, experts = _models(shapes={"big": (64, 24), "a/w": (8, 6), "c": (3, 4, 5), "e": (7,)})
+  hparams = rules.add_key(name, hparams, 4)
+  expected = _in_memory(name, base, experts, **hparams)[0]
+  whole = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  budget = whole.working_set["big"] - 1  # Below the leaf; above every other leaf.
+  assert budget > max(ws for p, ws in whole.working_set.items() if p != "big")
+  engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=budget)
+  assert 1 <= engine.row_blocks["big"] < 64 and engine.working_set["big"] <= budget
+  assert list(engine.row_blocks) == ["big"]
+  for path in base:
+    np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[path]), err_msg=path)
+
+
+@pytest.mark.parametrize(
+  "name,hparams,why",
+  [
+    ("dare", {"rescale": "l1"}, "cannot merge a leaf in blocks of rows"),  # Per-leaf norms.
+    ("breadcrumbs", {}, "cannot merge a leaf in blocks of rows"),  # Flax rows run along axis 0.
+    ("della", {"layout": "torch"}, "takes whole-model sums"),  # The election's fallback.
+  ],
+)
+def test_a_leaf_that_cannot_be_split_fails_saying_why(name, hparams, why):
+  base, experts = _models(shapes={"big": (64, 24), "e": (7,)})
+  hparams = rules.add_key(name, hparams, 4)
+  whole = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  with pytest.raises(ValueError, match=f"Leaf 'big' .* memory budget .*{why}"):
+    streaming.StreamingMerge(
+      name, base, experts, hparams, memory_budget=whole.working_set["big"] - 1
+    )
 
 
 def test_compile_count_depends_on_shapes_not_leaves():

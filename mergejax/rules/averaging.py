@@ -82,16 +82,24 @@ def _positive_weights(hparams: dict[str, Any], num_experts: int) -> None:
     raise ValueError(f"weight_average: weights={w!r} must have a positive sum.")
 
 
+def elementwise(hparams, ndim) -> bool:
+  """`row_split` of rules whose every output entry reads the same entry of the inputs."""
+  del hparams, ndim
+  return True
+
+
 spec.register(
   "weight_average",
   weight_average,
   weights=spec.HParam("per_expert", low=0.0, optional=True),
   check=_positive_weights,
+  row_split=elementwise,
 )
 spec.register(
   "task_arithmetic",
   task_arithmetic,
   scale=spec.SCALE,
   weights=spec.HParam("per_expert", optional=True),
+  row_split=elementwise,
 )
-spec.register("task_negation", task_negation, scale=spec.SCALE)
+spec.register("task_negation", task_negation, scale=spec.SCALE, row_split=elementwise)

@@ -12,7 +12,7 @@ import jax
 from mergejax import sparsify
 from mergejax import task_vectors as tv
 from mergejax.rules import spec
-from mergejax.rules.sparse import COMBINE, _combine
+from mergejax.rules.sparse import COMBINE, _combine, _ties_prepare, _ties_stream_stats
 from mergejax.tree import Params
 
 # Which rule's paper defaults a sparsifier takes in `sparsify_combine` (one source per default).
@@ -57,25 +57,62 @@ def sparsify_combine(
   Returns:
     Merged parameters.
   """
-  sparsifier_spec = sparsify.SPARSIFIERS[sparsifier]
-  if sparsifier_spec.random and key is None:
-    raise ValueError(f"sparsifier={sparsifier!r} is random: pass key=jax.random.key(seed).")
-  given = {"density": density, "gamma": gamma, "epsilon": epsilon}
-  hparams = {}
-  for name in sparsifier_spec.hparams:
-    value = given[name]
-    hparams[name] = (
-      spec.REGISTRY[_DEFAULTS_FROM[sparsifier]].defaults[name] if value is None else value
-    )
-  vectors = sparsify.apply_sparsifier(
-    sparsifier, tv.task_vectors(base, experts), key=key, **hparams
+  given = dict(density=density, gamma=gamma, epsilon=epsilon)
+  return _with_stats(
+    base, experts, None, sparsifier=sparsifier, combine=combine, key=key, scale=scale, **given
   )
+
+
+def _resolved(sparsifier, given):
+  """The sparsifier's hyper-parameters, None taking the matching rule's default."""
+  names = sparsify.SPARSIFIERS[sparsifier].hparams
+  defaults = spec.REGISTRY[_DEFAULTS_FROM.get(sparsifier, "ties")].defaults
+  return {n: defaults[n] if given[n] is None else given[n] for n in names}
+
+
+def _with_stats(base, experts, trim_stats, *, sparsifier, combine, key, scale, **given):
+  # With `trim_stats` (the "ties_trim" sparsifier's model-wide thresholds, from `_prepare` or
+  # `_stream_stats`, as TIES takes them) the trim is a comparison inside jit.
+  if sparsify.SPARSIFIERS[sparsifier].random and key is None:
+    raise ValueError(f"sparsifier={sparsifier!r} is random: pass key=jax.random.key(seed).")
+  hparams = _resolved(sparsifier, given)
+  if trim_stats is not None:
+    vectors, _ = sparsify.trim_experts(base, experts, hparams["density"], stats=trim_stats)
+  else:
+    vectors = sparsify.apply_sparsifier(
+      sparsifier, tv.task_vectors(base, experts), key=key, **hparams
+    )
   return tv.apply(base, _combine(vectors, combine), scale)
+
+
+# The "ties_trim" sparsifier's statistics are TIES's (model scope, "round" counting): its hooks.
+_TIES_TRIM = dict(trim_scope="model", counting="round", election="mass")
+
+
+def _prepare(base, experts, *, sparsifier, density, **unused):
+  del unused
+  if sparsifier != "ties_trim":
+    return None
+  density = _resolved(sparsifier, dict(density=density))["density"]
+  return _ties_prepare(base, experts, density=density, **_TIES_TRIM)
+
+
+def _stream_stats(leaves, sizes, *, sparsifier, density, memory_budget=None, **unused):
+  del unused
+  if sparsifier != "ties_trim":
+    return lambda i: None
+  density = _resolved(sparsifier, dict(density=density))["density"]
+  return _ties_stream_stats(
+    leaves, sizes, density=density, memory_budget=memory_budget, **_TIES_TRIM
+  )
 
 
 spec.register(
   "sparsify_combine",
   sparsify_combine,
+  prepare=_prepare,
+  with_stats=_with_stats,
+  stream_stats=_stream_stats,
   sparsifier=spec.choice(*sparsify.SPARSIFIERS),
   combine=COMBINE,
   key=spec.HParam("key", optional=True),

@@ -17,7 +17,8 @@ import numpy as np
 from mergejax import combine as combine_lib
 from mergejax import selection, sparsify, streaming_topk
 from mergejax import task_vectors as tv
-from mergejax.rules import spec
+from mergejax.rules import dare_trim, spec
+from mergejax.rules.averaging import elementwise
 from mergejax.tree import Params
 
 ELECTION = spec.choice(*combine_lib.ELECTIONS)
@@ -42,13 +43,7 @@ def _ties(
   vectors, stats = sparsify.trim_experts(
     base, experts, density, scope=trim_scope, stats=trim_stats, counting=counting
   )
-  per_group = stats.kept_sum if election == "mass" else stats.kept_sign_sum
-  if weights is None:
-    total = jnp.sum(per_group)
-  else:  # One group per expert (scope "model") or per expert and leaf ("leaf").
-    w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (len(experts),))
-    signs = w if election == "mass" else jnp.sign(w)
-    total = jnp.sum(per_group.reshape(len(experts), -1).sum(1) * signs)
+  total = combine_lib.election_total(stats, election, weights, len(experts))
   merged = combine_lib.ties_combine(
     vectors, election=election, reduce=reduce, total=total, weights=weights
   )
@@ -213,10 +208,10 @@ def dare_ties(
   Returns:
     Merged parameters.
   """
-  vectors = sparsify.random_drop(tv.task_vectors(base, experts), key, density, rescale=rescale)
-  if trim_density is not None:
-    vectors = sparsify.trim_top_fraction(vectors, trim_density, scope="model")
-  return tv.apply(base, _combine(vectors, "ties", election, reduce, weights), scale)
+  return dare_trim.with_stats(
+    base, experts, None, key=key, density=density, scale=scale, rescale=rescale,
+    election=election, reduce=reduce, trim_density=trim_density, weights=weights,
+  )  # fmt: skip
 
 
 def breadcrumbs(
@@ -313,9 +308,25 @@ def _della_window(hparams: dict[str, Any], num_experts: int) -> None:
     )
 
 
+def _per_leaf_rescale(hparams, ndim) -> bool:  # DARE's "l1" rescale sums over the whole leaf.
+  del ndim
+  return hparams["rescale"] != "l1"
+
+
+def _rows_kept_whole(torch_axis):
+  # Per-row rules split along axis 0 when their rows run along another axis.
+  def row_split(hparams, ndim):
+    if hparams["scope"] != "row" or ndim < 2:
+      return False
+    return sparsify._row_axis(ndim, hparams["layout"], torch_axis) != 0
+
+  return row_split
+
+
 spec.register(
   "ties",
   ties_merging,
+  row_split=elementwise,
   prepare=_ties_prepare,
   with_stats=_ties,
   stream_stats=_ties_stream_stats,
@@ -330,6 +341,7 @@ spec.register(
 spec.register(
   "dare",
   dare,
+  row_split=_per_leaf_rescale,
   key=spec.KEY,
   density=spec.FRACTION,
   scale=spec.SCALE,
@@ -340,6 +352,10 @@ spec.register(
 spec.register(
   "dare_ties",
   dare_ties,
+  row_split=_per_leaf_rescale,
+  prepare=dare_trim.prepare,
+  with_stats=dare_trim.with_stats,
+  stream_stats=dare_trim.stream_stats,
   key=spec.KEY,
   density=spec.FRACTION,
   scale=spec.SCALE,
@@ -360,12 +376,14 @@ _BREADCRUMBS = dict(
   combine=COMBINE,
   weights=WEIGHTS,
 )
+_BREADCRUMBS["row_split"] = _rows_kept_whole(-1)
 spec.register("breadcrumbs", breadcrumbs, **_BREADCRUMBS)
 spec.register("breadcrumbs_ties", breadcrumbs, defaults={"combine": "ties"}, **_BREADCRUMBS)
 spec.register(
   "della",
   della,
   check=_della_window,
+  row_split=_rows_kept_whole(1),
   key=spec.KEY,
   density=spec.FRACTION,
   epsilon=spec.HParam("float", 0.0, 1.0, "[)"),

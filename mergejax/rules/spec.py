@@ -181,11 +181,12 @@ class RuleSpec:
       to `with_stats`.
     with_stats: `with_stats(base, experts, stats, **hparams)`: `fn` given precomputed stats.
     stream_stats: optional out-of-core `prepare` for the streaming engine:
-      `stream_stats(leaves, sizes, memory_budget=..., **hparams) -> leaf_stats`, where `leaves()`
-      starts a pass over the merged leaves in tree order (yielding `(base_leaf, [expert leaves])`
-      as NumPy arrays), `sizes` are their entry counts and `memory_budget` the bytes it may hold
-      (the engine's budget); `leaf_stats(i)` is what `with_stats` takes for a tree holding leaf i
-      alone. Rules without a `prepare` need none (`mergejax.streaming`).
+      `stream_stats(leaves, sizes, memory_budget=..., paths=..., **hparams) -> leaf_stats`, where
+      `leaves()` starts a pass over the merged leaves in tree order (yielding `(base_leaf,
+      [expert leaves])` as NumPy arrays), `sizes` are their entry counts, `paths` their "a/b/c"
+      paths and `memory_budget` the bytes it may hold (the engine's); `leaf_stats(i)` is what
+      `with_stats` takes for a tree holding leaf i alone. Rules without a `prepare` need none
+      (`mergejax.streaming`).
     check: optional cross-parameter check `check(hparams, num_experts)` raising ValueError.
     min_experts / max_experts: how many experts the rule takes.
     statistics: set for data-dependent rules (Fisher merging, RegMean), whose `fn` takes the
@@ -195,6 +196,9 @@ class RuleSpec:
       `selected` ({"a/b/c": leaf}) on the host, and returns them restricted to those leaves.
     lapack: the rule runs LAPACK kernels (SVD, eigh); merges run it with one BLAS thread
       (`mergejax.lapack_threads`: XLA runs LAPACK calls concurrently on its own threads).
+    row_split: optional `row_split(hparams, ndim) -> bool`: True when each output row (a slice
+      along axis 0) reads only the same rows of the inputs (and the whole-model statistics), so
+      the streaming engine may merge a leaf above its budget in blocks of rows (same bits).
   """
 
   name: str
@@ -209,6 +213,7 @@ class RuleSpec:
   stream_stats: Callable[..., Any] | None = None
   statistics: Callable[..., Any] | None = None
   lapack: bool = False
+  row_split: Callable[[Mapping[str, Any], int], bool] | None = None
 
   def __call__(self, base: Any, experts: Any, *statistics: Any, **hparams: Any) -> Any:
     """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`).
@@ -291,6 +296,7 @@ def register(
   stream_stats: Callable[..., Any] | None = None,
   statistics: Callable[..., Any] | None = None,
   lapack: bool = False,
+  row_split: Callable[[Mapping[str, Any], int], bool] | None = None,
   **hparams: HParam,
 ) -> RuleSpec:
   """Registers a rule: `fn` and one `HParam` per keyword-only hyper-parameter of `fn`.
@@ -307,6 +313,7 @@ def register(
     stream_stats: optional out-of-core pre-pass (needs `with_stats`), see `RuleSpec`.
     statistics: for a data-dependent rule, the validator of its statistics, see `RuleSpec`.
     lapack: the rule calls SVD/eigh, see `RuleSpec`.
+    row_split: which leaves the streaming engine may merge in blocks of rows, see `RuleSpec`.
     **hparams: `{name: HParam}`; must name exactly `fn`'s keyword-only parameters.
 
   Returns:
@@ -347,6 +354,7 @@ def register(
     stream_stats=stream_stats,
     statistics=statistics,
     lapack=lapack,
+    row_split=row_split,
   )
   REGISTRY[name] = spec
   return spec

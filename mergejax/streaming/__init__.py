@@ -11,12 +11,14 @@ holding more than a budget of working memory, and gives the same bits as `rules.
 * **Memory.** XLA's own accounting of each executable (arguments, output, temporaries) is the
   leaf's working set; leaves are dispatched in groups whose working sets fit the budget (the
   group's results wait for the writer, the next group is dispatched when they are taken). A leaf
-  whose working set exceeds the budget fails in the constructor, before anything is written.
+  whose working set exceeds the budget is merged in blocks of rows when the rule allows it
+  (`blocks`, `RuleSpec.row_split`), else fails in the constructor, before anything is written.
 * **Whole-model statistics** take passes of their own before the apply pass: the sums a rule
   writes as `leafwise.total` (TIES's election fallback, EMR's rescalers), in as many rounds as
   they depend on each other (found from the rule's jaxpr), summed in the order a whole-tree call
   sums them; and a rule's `stream_stats` hook for statistics that are not sums (TIES's model-wide
-  top-k threshold, `streaming_topk.StreamingTopK`).
+  top-k threshold, `streaming_topk.StreamingTopK`; DARE-TIES's, on its dropped vectors,
+  `rules.dare_trim`).
 * **Leaf locality is checked, not assumed.** A rule without `stream_stats` is traced on two
   leaves; if an output leaf depends on another leaf's inputs other than through `leafwise.total`,
   the rule cannot stream and the engine says so (`StreamingMerge.reason`) and merges in memory.

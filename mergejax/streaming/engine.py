@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax import lapack_threads, leafwise, sparsify
+from mergejax import lapack_threads, leafwise
 from mergejax import tree as tree_lib
 from mergejax.distributed import hosts, spmd
 from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
 from mergejax.rules.task_specific import TaskSpecificMerge
+from mergejax.streaming import blocks
 from mergejax.streaming.programs import (
   _EXECUTABLES,
   LazyLeaf,
@@ -31,7 +32,7 @@ from mergejax.streaming.programs import (
   _size,
   check_outputs,
   default_budget_bytes,
-  warn_in_memory,
+  merge_in_memory,
 )
 
 
@@ -129,14 +130,16 @@ class StreamingMerge:
     self.index = {p: i for i, p in enumerate(self.merged_paths)}
     self.rest_floats = [p for p in paths if p in floats and p not in self.index]
 
-  def _args(self, paths: Sequence[str], stats=None, totals=()):
-    """The program's arguments for a tree of `paths` (one leaf: the canonical `{"x": leaf}`)."""
+  def _args(self, paths: Sequence[str], stats=None, totals=(), rows=None):
+    """The program's arguments for a tree of `paths` (one leaf: the canonical `{"x": leaf}`;
+    `rows=(r0, r1)`: that block of its rows, see `blocks`)."""
     names = ["x"] if len(paths) == 1 else list(paths)
-    base = {n: self.base[p] for n, p in zip(names, paths, strict=True)}
-    experts = [{n: e[p] for n, p in zip(names, paths, strict=True)} for e in self.experts]
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows[0] : rows[1]])  # noqa: E731
+    base = {n: pick(self.base[p]) for n, p in zip(names, paths, strict=True)}
+    experts = [{n: pick(e[p]) for n, p in zip(names, paths, strict=True)} for e in self.experts]
     traced = dict(self.traced)
     if self.key is not None:
-      traced["key"] = leafwise.FoldedKeys(sparsify.leaf_key_data(self.key, len(experts), paths))
+      traced["key"] = blocks.folded_keys(self, paths, rows)
     return base, experts, stats, traced, [jnp.float32(v) for v in totals]
 
   def _fn(self):
@@ -187,9 +190,9 @@ class StreamingMerge:
     return len(ctx.partials)
 
   # ------------------------------------------------------------------------------ planning
-  def _executable(self, path: str, totals_only: bool):
+  def _executable(self, path: str, totals_only: bool, rows=None):
     fn, with_stats = self._fn()
-    args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals)
+    args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals, rows)
     static = tuple(sorted(self.static.items()))
     signature = _signature(args)
     key = (fn, static, with_stats, self.check, totals_only, str(self.out_dtype), signature)
@@ -221,14 +224,11 @@ class StreamingMerge:
     self.num_totals = self._count_totals([first], self._leaf_stats(first))
     self.order = [p for p in order if p in self.index]
     self.working_set: dict[str, int] = {}
+    self.row_blocks: dict[str, int] = {}  # Leaves merged in blocks of rows: rows per block.
     for path in self.merged_paths:
-      compiled, args = self._executable(path, False)
-      mem = getattr(compiled, "compiled", compiled).memory_analysis()
-      ws = (
-        int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
-        if mem is not None
-        else 4 * sum(int(np.size(m[path])) for m in (self.base, *self.experts)) * 3
-      )
+      ws = self.leaf_working_set(path)
+      if ws > self.budget and (split := blocks.rows_per_block(self, path, ws)) is not None:
+        self.row_blocks[path], ws = split
       self.working_set[path] = ws
       if ws > self.budget:
         raise ValueError(
@@ -236,7 +236,8 @@ class StreamingMerge:
           f"{_size(ws)} of working memory to merge with {self.rule.name}, more than the "
           f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget holds "
           "the leaf's output, XLA's temporaries and the inputs XLA copies: all but 64-byte "
-          "aligned NumPy arrays, such as the tensors of files mergejax wrote)."
+          "aligned NumPy arrays, such as the tensors of files mergejax wrote). "
+          + blocks.why_not_split(self, path)
         )
     self.timings.peak_working_set_bytes = max(self.working_set.values())
     group, used = 0, 0
@@ -262,20 +263,28 @@ class StreamingMerge:
     self.task_specific = isinstance(out, TaskSpecificMerge)
     self.num_outputs = out.num_tasks if self.task_specific else 1
 
+  def leaf_working_set(self, path: str, rows=None) -> int:
+    """Bytes a leaf's (or a block of its rows') program holds: XLA's output and temporaries, and
+    the inputs XLA copies in."""
+    compiled, args = self._executable(path, False, rows)
+    mem = getattr(compiled, "compiled", compiled).memory_analysis()
+    if mem is None:  # No accounting: three float32 copies of every input.
+      return 4 * 3 * (len(self.experts) + 1) * int(np.size(args[0]["x"]))
+    return int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
+
   def _leaves(self) -> Iterator[tuple[Any, list[Any]]]:
     for p in self.merged_paths:
       yield np.asarray(self.base[p]), [np.asarray(e[p]) for e in self.experts]
 
   def _stream_stats(self):
-    start = time.perf_counter()
-    passes = []
+    start, passes, paths = time.perf_counter(), [], self.merged_paths
 
     def leaves():  # Passes that reach the last leaf are counted.
       yield from self._leaves()
       passes.append(1)
 
-    sizes = [int(np.size(self.base[p])) for p in self.merged_paths]
-    stats = self.rule.stream_stats(leaves, sizes, memory_budget=self.budget, **self.full)
+    sizes, hook = [int(np.size(self.base[p])) for p in paths], self.rule.stream_stats
+    stats = hook(leaves, sizes, memory_budget=self.budget, paths=paths, **self.full)
     self.timings.stats_passes += len(passes)
     self.timings.stats_s += time.perf_counter() - start
     return stats
@@ -318,22 +327,7 @@ class StreamingMerge:
 
   def _merge_in_memory(self) -> None:
     """Fallback for rules that cannot stream: `rules.merge` on the merged leaves."""
-    warn_in_memory(self.reason, self.base, self.merged_paths, len(self.experts), self.budget)
-    base = {p: self.base[p] for p in self.merged_paths}
-    experts = [{p: e[p] for p in self.merged_paths} for e in self.experts]
-    merged = front_door.merge(
-      self.rule.name, base, experts, check_finite=self.check, mesh=self.layout, **self.full
-    )
-    if isinstance(merged, TaskSpecificMerge):
-      merged = jax.tree.map(hosts.to_host, merged)  # Task models as one device builds them.
-      results = [merged.task_model(base, t) for t in range(merged.num_tasks)]
-    else:
-      results = [merged]
-    self.num_outputs = len(results)
-    for t, r in enumerate(results):
-      for p, x in r.items():
-        x = hosts.to_host(x)
-        self._cache[(p, t)] = x if self.out_dtype is None else x.astype(self.out_dtype)
+    self.num_outputs = merge_in_memory(self)
     self.order = list(self.merged_paths)
 
   # ------------------------------------------------------------------------------ outputs
@@ -381,6 +375,9 @@ class StreamingMerge:
     values = [self.totals[j] for j in range(self.num_totals)]
     pending = []
     for path in self.group_paths[group]:  # Dispatched together; XLA runs them as they come.
+      if path in self.row_blocks:
+        self._cache[(path, 0)] = blocks.merge_in_blocks(self, path, values)
+        continue
       compiled, _ = self._executable(path, False)
       args = self._args([path], self._leaf_stats(path), values)
       pending.append((path, compiled(*args)))

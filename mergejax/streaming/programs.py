@@ -163,3 +163,26 @@ def check_outputs(path: str, base, experts, models, report) -> None:
       name="the merged model",
       hint="the inputs are finite, so the hyper-parameters make the merge overflow",
     )
+
+
+def merge_in_memory(engine: Any) -> int:
+  """A `StreamingMerge`'s fallback for rules that cannot stream: `rules.merge` on the merged
+  leaves, the outputs put in its cache; returns the number of outputs."""
+  warn_in_memory(
+    engine.reason, engine.base, engine.merged_paths, len(engine.experts), engine.budget
+  )
+  base = {p: engine.base[p] for p in engine.merged_paths}
+  experts = [{p: e[p] for p in engine.merged_paths} for e in engine.experts]
+  merged = front_door.merge(
+    engine.rule.name, base, experts, check_finite=engine.check, mesh=engine.layout, **engine.full
+  )
+  if isinstance(merged, TaskSpecificMerge):
+    merged = jax.tree.map(hosts.to_host, merged)  # Task models as one device builds them.
+    results = [merged.task_model(base, t) for t in range(merged.num_tasks)]
+  else:
+    results = [merged]
+  for t, r in enumerate(results):
+    for p, x in r.items():
+      x = hosts.to_host(x)
+      engine._cache[(p, t)] = x if engine.out_dtype is None else x.astype(engine.out_dtype)
+  return len(results)

@@ -1,0 +1,197 @@
+"""DARE-TIES's whole-model trim outside jit: the k-th largest |dropped τ| of each expert.
+
+MergeLM's DARE-TIES trims the *dropped* task vectors to their top fraction over the whole model.
+Inside one jit that selection is slow on CPU (`rules.merge` on 22M x 8 experts: 26 s) and needs
+every dropped vector at once, which a streaming merge cannot hold. Here the dropped values are
+recomputed on the host in chunks of the flattened leaves (a few compiled chunk sizes: the rule's
+own `sparsify.random_drop` with per-leaf keys and the chunk's flat offset, so the same uniforms),
+and the thresholds come from the exact host selection (`selection.top_k_stats_eager` when
+everything fits, else `streaming_topk.model_top_k_stats`'s passes). The rule's apply step draws
+the drop again inside jit and trims at these thresholds.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mergejax import combine, leafwise, selection, sparsify, streaming_topk
+from mergejax import task_vectors as tv
+from mergejax.selection import TopKStats
+from mergejax.tree import path_str
+
+_CHUNK = 1 << 20  # Entries per call of the drop program for large leaves (4 MiB per expert).
+_SMALL_CHUNK = 1 << 16  # The most for the others.
+_PIECE = 1 << 24  # Most entries of a leaf a pass yields at once (64 MiB of float32 per expert).
+
+
+@functools.partial(jax.jit, static_argnames=("rescale",))
+def _dropped_chunk(base, experts, key_data, offset, density, *, rescale):
+  vectors = tv.task_vectors({"x": base}, [{"x": e} for e in experts])
+  keys = leafwise.FoldedKeys(key_data[:, None], offset)
+  return [v["x"] for v in sparsify.random_drop(vectors, keys, density, rescale=rescale)]
+
+
+def dropped_leaves(
+  leaves: Callable[[], Iterator[tuple[Any, Sequence[Any]]]],
+  paths: Sequence[str],
+  key: jax.Array,
+  density: Any,
+  rescale: str,
+) -> Callable[[], Iterator[tuple[None, list[np.ndarray]]]]:
+  """Starts passes over the experts' dropped task vectors, leaf by leaf.
+
+  Args:
+    leaves: starts a pass over `(base_leaf, [expert leaves])` (NumPy arrays or views).
+    paths: the leaves' "a/b/c" paths (their keys: `sparsify.leaf_key_data`).
+    key: the rule's key.
+    density: DARE's keep probability.
+    rescale: DARE's rescale ("l1" rescales per leaf: then each leaf is one call, in its shape).
+
+  Returns:
+    A function starting a pass that yields `(None, [flat float32 dropped τt per expert])` per
+    piece of at most _PIECE entries of each leaf (`piece_sizes`: a 128256 x 2048 embedding would
+    otherwise take 8.4 GB for 8 experts), each expert's array its own allocation (the selection
+    counts them as memory held).
+  """
+  paths = list(paths)
+  density = jnp.float32(density)
+
+  def run():
+    data = None
+    for path_index, (base, experts) in enumerate(leaves()):
+      if data is None:
+        data = np.asarray(sparsify.leaf_key_data(key, len(experts), paths))
+      if rescale == "l1":  # Norms per leaf: the leaf whole, in its shape (the same sums).
+        dropped = _dropped_chunk(
+          base, list(experts), data[:, path_index], np.uint32(0), density, rescale=rescale
+        )
+        yield None, [np.array(d).reshape(-1) for d in dropped]
+        continue
+      b = np.asarray(base).reshape(-1)
+      xs = [np.asarray(x).reshape(-1) for x in experts]
+      n, chunk = b.size, _chunk(b.size)
+      for first, last in _pieces(n):
+        outs = [np.empty(last - first, np.float32) for _ in xs]
+        for start in range(first, last, chunk):
+          stop = min(start + chunk, last)
+          parts = [b[start:stop], *(x[start:stop] for x in xs)]
+          if stop - start < chunk:
+            parts = [np.pad(p, (0, chunk - (stop - start))) for p in parts]
+          dropped = _dropped_chunk(
+            parts[0], parts[1:], data[:, path_index], np.uint32(start), density, rescale=rescale
+          )
+          for out, d in zip(outs, dropped, strict=True):
+            out[start - first : stop - first] = np.asarray(d)[: stop - start]
+        yield None, outs
+
+  return run
+
+
+def _chunk(n: int) -> int:
+  """Entries per call for a leaf of n: 4^6, 4^7 or 4^8 (padded: a few compiled programs cover
+  every leaf, with little padding for ViT-sized leaves), _CHUNK for leaves of 16 chunks or more
+  (fewer calls)."""
+  if n >= 16 * _CHUNK:
+    return _CHUNK
+  return min(_SMALL_CHUNK, 4 ** max(6, -(-(n - 1).bit_length() // 2)))
+
+
+def _pieces(n: int) -> list[tuple[int, int]]:
+  """A leaf's pieces of at most _PIECE entries (whole chunks), as the passes yield them."""
+  return [(s, min(s + _PIECE, n)) for s in range(0, n, _PIECE)]
+
+
+def piece_sizes(sizes: Sequence[int], rescale: str) -> list[int]:
+  """The entry counts of what a pass of `dropped_leaves` yields, for leaves of `sizes`."""
+  if rescale == "l1":
+    return list(sizes)
+  return [last - first for n in sizes for first, last in _pieces(n)]
+
+
+def _leaves_of(base, experts):
+  def run():
+    expert_leaves = [jax.tree.leaves(e) for e in experts]
+    for i, b in enumerate(jax.tree.leaves(base)):
+      yield b, [leaves[i] for leaves in expert_leaves]
+
+  return run
+
+
+def prepare(base, experts, *, key, density, rescale, trim_density, **unused) -> TopKStats | None:
+  """`rules.merge`'s host pre-pass (CPU, concrete inputs): the trim's `TopKStats` per expert.
+
+  Args:
+    base / experts: the merged trees (concrete arrays).
+    key, density, rescale, trim_density: DARE-TIES's hyper-parameters.
+
+  Returns:
+    [T] `TopKStats` over the whole model, or None without a trim.
+  """
+  del unused
+  if trim_density is None:
+    return None
+  paths = [path_str(p) for p, _ in jax.tree.flatten_with_path(base)[0]]
+  pass_ = dropped_leaves(_leaves_of(base, experts), paths, key, density, rescale)
+  leaves = [xs for _, xs in pass_()]
+  k = _count(sum(int(np.size(x)) for x in jax.tree.leaves(base)), trim_density)
+  groups = [[xs[t] for xs in leaves] for t in range(len(experts))]
+  return selection.top_k_stats_eager(groups, [k] * len(groups))
+
+
+def stream_stats(
+  leaves, sizes, *, paths, key, density, rescale, trim_density, memory_budget=None, **unused
+) -> Callable[[int], TopKStats | None]:
+  """The streaming engine's pre-pass: the same statistics as `prepare`, within the budget.
+
+  Args:
+    leaves / sizes / memory_budget: see `rules.spec.RuleSpec.stream_stats`.
+    paths: the merged leaves' paths.
+    key, density, rescale, trim_density: DARE-TIES's hyper-parameters.
+
+  Returns:
+    `leaf_stats(i)`: the model-wide statistics for every leaf (None without a trim).
+  """
+  del unused
+  if trim_density is None:
+    return lambda i: None
+  k = _count(sum(sizes), trim_density)
+  dropped = dropped_leaves(leaves, paths, key, density, rescale)
+  stats = streaming_topk.model_top_k_stats(dropped, piece_sizes(sizes, rescale), k, memory_budget)
+  return lambda i: stats
+
+
+def with_stats(
+  base, experts, trim_stats, *, key, density, scale, rescale, election, reduce, trim_density,
+  weights,
+):  # fmt: skip
+  """DARE-TIES (`rules.sparse.dare_ties`), with the trim's statistics when given.
+
+  With `trim_stats` (from `prepare` / `stream_stats`: the thresholds of these same dropped
+  vectors) the trim is a comparison, and the election's zero-sum fallback comes from the kept
+  sums; without, the selection runs inside jit.
+  """
+  vectors = sparsify.random_drop(tv.task_vectors(base, experts), key, density, rescale=rescale)
+  total = None
+  if trim_density is not None and trim_stats is None:
+    vectors = sparsify.trim_top_fraction(vectors, trim_density, scope="model")
+  elif trim_density is not None:
+    vectors = [
+      jax.tree.map(lambda x, th=trim_stats.threshold[t]: jnp.where(jnp.abs(x) >= th, x, 0.0), v)
+      for t, v in enumerate(vectors)
+    ]
+    total = combine.election_total(trim_stats, election, weights, len(experts))
+  merged = combine.ties_combine(
+    vectors, election=election, reduce=reduce, total=total, weights=weights
+  )
+  return tv.apply(base, merged, scale)
+
+
+def _count(n: int, trim_density) -> int:
+  # From the concrete float64 fraction, as TIES's host pre-pass counts.
+  return int(selection.count_for_fraction(n, float(trim_density), "round"))
