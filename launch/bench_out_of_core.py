@@ -50,15 +50,19 @@ _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints.")
 _ONLY_WRITE = flags.DEFINE_bool("only_write", False, "Write the checkpoints (kept) and stop.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 3600, "A run taking longer is killed.")
 
-# mergejax's default DARE-TIES (the DARE paper's code: a TIES trim over the whole model after the
-# drop) is not leaf-local, so the streaming engine would merge it in memory. Out of core both
-# libraries run mergekit's DARE-TIES (no trim, L1 rescale, disjoint sum) at density 0.1:
-# configs/dare_ties_mergekit.py, and mergekit's dare_ties with normalize: false.
+# DARE-TIES: each library's own at p = 0.9. mergejax's default is the DARE paper's code (1/(1-p),
+# then a TIES trim of the whole model, mass election, disjoint mean; the trim's thresholds from a
+# host pass); mergekit's dare_ties (normalize: false) has no trim,
+# restores each tensor's L1 norm and sums. mergejax's port of mergekit's variant
+# (configs/dare_ties_mergekit.py) rescales per whole leaf, so its embedding cannot be split into
+# blocks and needs ~9.3 GiB: run it with --rules=dare_ties_mergekit and a larger --budget_gb.
+_MERGEKIT_DARE_TIES = ("dare_ties", {"weight": 1.0, "density": 0.1}, {"normalize": False})
 VARIANTS = {
-  "dare_ties": (
+  "dare_ties": ("configs/merge.py:dare_ties", [], _MERGEKIT_DARE_TIES),
+  "dare_ties_mergekit": (
     "configs/dare_ties_mergekit.py",
     ["--config.rule.density=0.1"],
-    ("dare_ties", {"weight": 1.0, "density": 0.1}, {"normalize": False}),
+    _MERGEKIT_DARE_TIES,
   ),
 }
 
