@@ -6,6 +6,7 @@ All loops over experts are Python loops inside a leaf map, so XLA fuses them int
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -42,8 +43,16 @@ def elect_sign(
   else:
     score = tv.add(*[jax.tree.map(jnp.sign, v) for v in vectors])
   if total is None:  # A whole-model sum: the streaming engine takes it in a pass of its own.
-    total = leafwise.total(sum(jnp.sum(x) for x in jax.tree.leaves(score)))
-  fallback = jnp.where(total < 0, -1.0, 1.0)
+    partial = sum(jnp.sum(x) for x in jax.tree.leaves(score))
+    # The fallback decides a result only where the score is 0 and some vector is not.
+    tied = [
+      jnp.any((s == 0) & functools.reduce(jnp.logical_or, [x != 0 for x in xs]))
+      for s, *xs in zip(*(jax.tree.leaves(t) for t in (score, *vectors)), strict=True)
+    ]
+    negative = leafwise.total_is_negative(partial, functools.reduce(jnp.logical_or, tied))
+  else:
+    negative = total < 0
+  fallback = jnp.where(negative, -1.0, 1.0)
   return jax.tree.map(lambda s: jnp.where(s > 0, 1.0, jnp.where(s < 0, -1.0, fallback)), score)
 
 

@@ -11,6 +11,12 @@ the partials over all leaves in a statistics pass; then it runs the rule again u
 `substituting`, which hands each call its whole-model value. Calls are told apart by their order,
 which is the same on every leaf (a rule calls `total` on trees, never per leaf).
 
+**Signs of sums.** A rule that needs only the sign of a whole-model sum (TIES's election fallback)
+writes `leafwise.total_is_negative(partial, relevant)`, `relevant` saying whether this tree's
+result depends on the answer. The engine then guesses "not negative" and merges each leaf in the
+statistics pass itself, keeping the result unless the sum turns out negative and the leaf's
+`relevant` flag is set: one pass over the inputs instead of two.
+
 **Folded keys.** Random rules draw one key per (expert, leaf path) (`sparsify.leaf_key`). The
 engine runs a rule on `{"x": leaf}`, so that one executable serves every leaf of a shape, and
 passes that leaf's keys in as data: a `FoldedKeys` given as the rule's `key`.
@@ -33,10 +39,13 @@ class _Context:
   def __init__(self, values: Sequence[Any] | None):
     self.values = values  # None: recording.
     self.partials: list[jax.Array] = []
+    # Per call: None for `total`; for `total_is_negative`, whether the tree's result depends on it.
+    self.relevant: list[jax.Array | None] = []
 
-  def visit(self, partial: jax.Array) -> jax.Array:
+  def visit(self, partial: jax.Array, relevant: jax.Array | None = None) -> jax.Array:
     i = len(self.partials)
     self.partials.append(partial)
+    self.relevant.append(relevant)
     if self.values is None:
       return partial
     if i >= len(self.values):
@@ -58,6 +67,27 @@ def total(partial: jax.Array) -> jax.Array:
   """
   ctx = getattr(_STATE, "ctx", None)
   return partial if ctx is None else ctx.visit(partial)
+
+
+def total_is_negative(partial: jax.Array, relevant: jax.Array) -> jax.Array:
+  """Whether the whole model's value of a sum over leaves is negative (see `total`).
+
+  Args:
+    partial: a float32 scalar, the sum over the leaves of the tree at hand.
+    relevant: a boolean scalar, False if this tree's result is the same whatever the answer
+      (the streaming engine then keeps a result computed before the whole-model sum is known).
+
+  Returns:
+    A boolean scalar.
+  """
+  ctx = getattr(_STATE, "ctx", None)
+  return (partial if ctx is None else ctx.visit(partial, relevant)) < 0
+
+
+def sign_only(ctx: _Context) -> bool:
+  """Whether every whole-model sum `ctx` saw was a `total_is_negative` (its rule can then be
+  merged speculatively, see the module docstring)."""
+  return bool(ctx.relevant) and all(r is not None for r in ctx.relevant)
 
 
 @contextlib.contextmanager

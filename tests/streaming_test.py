@@ -57,9 +57,16 @@ def test_streaming_equals_in_memory_bit_for_bit(name):
     assert engine.timings.groups > 1, engine.timings
   else:
     assert name in falls_back and "depends on leaf" in engine.reason
+  # The roomy probe merges in one group, and in the statistics pass where the rule's sums are signs.
   for t, model in enumerate(expected):
     for path in base:
       np.testing.assert_array_equal(engine.leaf(path, t), np.asarray(model[path]), err_msg=path)
+      np.testing.assert_array_equal(probe.leaf(path, t), np.asarray(model[path]), err_msg=path)
+  assert (probe.timings.speculated > 0) == (name in SPECULATE), probe.timings
+
+
+# Rules whose whole-model sums are all signs (TIES's election fallback on their own vectors).
+SPECULATE = {"breadcrumbs_ties", "della"}
 
 
 @pytest.mark.parametrize(
@@ -86,6 +93,32 @@ def test_streaming_equals_in_memory_for_options(name, hparams):
   assert engine.reason is None
   for path in base:
     np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[0][path]), err_msg=path)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_sign_only_sums_merge_in_the_statistics_pass(negative):
+  # The election's fallback (the sign of the whole-model score) is guessed "not negative" and every
+  # leaf is merged while the score is summed. A leaf is merged again only where the guess was wrong
+  # and the leaf has a tie (a score of 0 from vectors that are not): c/w[0, 0] here.
+  base, experts = _models(n=2)
+  sign = -1.0 if negative else 1.0
+  experts = [{p: base[p] + sign * np.abs(e[p] - base[p]) for p in base} for e in experts]
+  base["c/w"][0, 0], experts[0]["c/w"][0, 0], experts[1]["c/w"][0, 0] = 0.0, 0.5, -0.5
+  hparams = {"sparsifier": "none", "combine": "ties"}
+  expected = _in_memory("sparsify_combine", base, experts, **hparams)[0]
+  engine = streaming.StreamingMerge("sparsify_combine", base, experts, hparams, memory_budget=2**30)
+  assert engine.speculate and engine.timings.stats_passes == 1
+  assert engine.timings.speculated == len(base) - (1 if negative else 0)
+  for path in base:
+    np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[path]), err_msg=path)
+  assert expected["c/w"][0, 0] == sign * 0.5  # The tie takes the whole-model score's sign.
+  # A budget with no room beside the largest leaf keeps nothing: every leaf merges again.
+  tight = streaming.StreamingMerge(
+    "sparsify_combine", base, experts, hparams, memory_budget=engine.timings.peak_working_set_bytes
+  )
+  assert tight.timings.speculated == 0
+  for path in base:
+    np.testing.assert_array_equal(tight.leaf(path), np.asarray(expected[path]), err_msg=path)
 
 
 def test_statistics_take_passes_in_dependency_order():

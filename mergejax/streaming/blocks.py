@@ -94,7 +94,7 @@ def merge_in_blocks(engine: Any, path: str, totals) -> np.ndarray:
   out = np.empty(shape, engine.output_dtype(path))
   for start in range(0, shape[0], step):
     rows = (start, min(shape[0], start + step))
-    compiled, _ = engine._executable(path, False, rows)
+    compiled, _ = engine._executable(path, "apply", rows)
     args = engine._args([path], engine._leaf_stats(path), totals, rows)
     merged, report = compiled(*args)
     if engine.check:

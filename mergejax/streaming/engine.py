@@ -19,7 +19,7 @@ from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
 from mergejax.rules.task_specific import TaskSpecificMerge
-from mergejax.streaming import blocks
+from mergejax.streaming import blocks, statistics
 from mergejax.streaming.programs import (
   _EXECUTABLES,
   LazyLeaf,
@@ -104,9 +104,11 @@ class StreamingMerge:
     self.key = traced.pop("key", None)
     self.traced = traced
     self.num_outputs = 1
+    self.sign_only: bool | None = None  # Set where the rule's whole-model sums are counted.
     self.reason = self._streamable()
     self._groups: dict[str, int] = {}
     self._cache: dict[tuple[str, int], np.ndarray] = {}
+    self.speculated: dict[str, tuple[Any, Any]] = {}  # Leaves merged in the statistics pass.
     if self.reason is None:
       self._plan(list(order) if order is not None else list(self.base))
       self._statistics()
@@ -156,7 +158,7 @@ class StreamingMerge:
       return None  # A stream_stats hook declares its rule leaf-local given the statistics.
     paths = self._probe_pair()
     self.num_totals = self._count_totals(paths[:1], None)
-    program = _program(fn, self.static, False, False, False, None)
+    program = _program(fn, self.static, False, False, "apply", None)
     args = self._args(paths, None, [0.0] * self.num_totals)
     try:
       deps = _dependencies(lambda *a: program(*a)[0], args)
@@ -187,19 +189,20 @@ class StreamingMerge:
       base, experts, stats, traced, _ = self._args(paths, stats)
       args = (base, experts, stats) if with_stats else (base, experts)
       jax.eval_shape(lambda a, t: fn(*a, **self.static, **t), args, traced)
+    self.sign_only = leafwise.sign_only(ctx)
     return len(ctx.partials)
 
   # ------------------------------------------------------------------------------ planning
-  def _executable(self, path: str, totals_only: bool, rows=None):
+  def _executable(self, path: str, mode: str, rows=None):
     fn, with_stats = self._fn()
     args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals, rows)
     static = tuple(sorted(self.static.items()))
     signature = _signature(args)
-    key = (fn, static, with_stats, self.check, totals_only, str(self.out_dtype), signature)
+    key = (fn, static, with_stats, self.check, mode, str(self.out_dtype), signature)
     key += (self.layout,)
     if key not in _EXECUTABLES:
       start = time.perf_counter()
-      program = _program(fn, self.static, with_stats, self.check, totals_only, self.out_dtype)
+      program = _program(fn, self.static, with_stats, self.check, mode, self.out_dtype)
       if self.layout is None:
         _EXECUTABLES[key] = jax.jit(program).lower(*_abstract(args)).compile()
       else:  # Split over the mesh; compiled for these shapes (mode chosen per program).
@@ -210,7 +213,7 @@ class StreamingMerge:
       self.timings.compile_s += time.perf_counter() - start
     executable = _EXECUTABLES[key]
     if self.layout is not None:
-      self.timings.spmd_modes["statistics" if totals_only else "apply"].add(executable.mode)
+      self.timings.spmd_modes["statistics" if mode == "totals" else "apply"].add(executable.mode)
     return executable, args
 
   def _leaf_stats(self, path: str):
@@ -221,7 +224,10 @@ class StreamingMerge:
     if self.rule.stream_stats is not None:
       self._stats = self._stream_stats()
     first = self.merged_paths[0]
-    self.num_totals = self._count_totals([first], self._leaf_stats(first))
+    if self.sign_only is None or self._stats is not None:  # Not counted yet, or with statistics.
+      self.num_totals = self._count_totals([first], self._leaf_stats(first))
+    # Sums asked only for their sign: the statistics pass merges too (`statistics`).
+    self.speculate = bool(self.num_totals) and self.sign_only and self.layout is None
     self.order = [p for p in order if p in self.index]
     self.working_set: dict[str, int] = {}
     self.row_blocks: dict[str, int] = {}  # Leaves merged in blocks of rows: rows per block.
@@ -250,23 +256,24 @@ class StreamingMerge:
     for path, g in self._groups.items():
       self.group_paths.setdefault(g, []).append(path)
     self.timings.groups = len(self.group_paths)
-    _, with_stats = self._fn()
-    fn = self.rule.with_stats if with_stats else self.rule.fn
-    out = jax.eval_shape(
-      lambda *a: _program(fn, self.static, with_stats, False, False, None)(*a)[0],
-      *_abstract(
-        self._args(
-          self.merged_paths[:1], self._leaf_stats(self.merged_paths[0]), [0.0] * self.num_totals
-        )
-      ),
-    )
+    out = self._output_shapes(first)
     self.task_specific = isinstance(out, TaskSpecificMerge)
     self.num_outputs = out.num_tasks if self.task_specific else 1
+
+  def _output_shapes(self, path: str):
+    """The rule's result on one leaf as shapes: the compiled program's, else traced anew."""
+    compiled, args = self._executable(path, "speculate" if self.speculate else "apply")
+    if (info := getattr(compiled, "out_info", None)) is not None:
+      return info[0]
+    fn, with_stats = self._fn()
+    program = _program(fn, self.static, with_stats, False, "apply", None)
+    return jax.eval_shape(lambda *a: program(*a)[0], *_abstract(args))
 
   def leaf_working_set(self, path: str, rows=None) -> int:
     """Bytes a leaf's (or a block of its rows') program holds: XLA's output and temporaries, and
     the inputs XLA copies in."""
-    compiled, args = self._executable(path, False, rows)
+    mode = "speculate" if self.speculate and rows is None else "apply"
+    compiled, args = self._executable(path, mode, rows)
     mem = getattr(compiled, "compiled", compiled).memory_analysis()
     if mem is None:  # No accounting: three float32 copies of every input.
       return 4 * 3 * (len(self.experts) + 1) * int(np.size(args[0]["x"]))
@@ -295,8 +302,12 @@ class StreamingMerge:
     if not self.num_totals:
       return
     start = time.perf_counter()
+    if self.speculate:
+      statistics.speculative_pass(self)
+      self.timings.stats_s += time.perf_counter() - start
+      return
     fn, with_stats = self._fn()
-    program = _program(fn, self.static, with_stats, False, True, None)
+    program = _program(fn, self.static, with_stats, False, "totals", None)
     path = self.merged_paths[0]
     args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals)
     deps = _dependencies(program, args)
@@ -304,26 +315,8 @@ class StreamingMerge:
     total_inputs = list(range(n_in - self.num_totals, n_in))
     needs = [{total_inputs.index(i) for i in d if i in total_inputs} for d in deps]
     with self._blas():
-      self._sum_rounds(needs)
+      statistics.sum_rounds(self, needs)
     self.timings.stats_s += time.perf_counter() - start
-
-  def _sum_rounds(self, needs: list[set[int]]) -> None:
-    while len(self.totals) < self.num_totals:
-      ready = [
-        j for j in range(self.num_totals) if j not in self.totals and needs[j] <= set(self.totals)
-      ]
-      if not ready:
-        raise RuntimeError(f"{self.rule.name}: whole-model sums depend on each other in a cycle.")
-      values = [self.totals.get(j, np.float32(0)) for j in range(self.num_totals)]
-      acc = dict.fromkeys(ready, np.float32(0))
-      for path in self.merged_paths:  # The order a whole-tree call adds the leaves' sums in.
-        compiled, args = self._executable(path, True)
-        args = self._args([path], self._leaf_stats(path), values)
-        partials = [hosts.to_host(p) for p in compiled(*args)]
-        for j in ready:
-          acc[j] = np.float32(acc[j] + np.float32(partials[j]))
-      self.totals.update(acc)
-      self.timings.stats_passes += 1
 
   def _merge_in_memory(self) -> None:
     """Fallback for rules that cannot stream: `rules.merge` on the merged leaves."""
@@ -378,7 +371,11 @@ class StreamingMerge:
       if path in self.row_blocks:
         self._cache[(path, 0)] = blocks.merge_in_blocks(self, path, values)
         continue
-      compiled, _ = self._executable(path, False)
+      if path in self.speculated:
+        x, report = self.speculated.pop(path)
+        pending.append((path, ({"x": x}, report)))
+        continue
+      compiled, _ = self._executable(path, "apply")
       args = self._args([path], self._leaf_stats(path), values)
       pending.append((path, compiled(*args)))
     for path, (out, report) in pending:

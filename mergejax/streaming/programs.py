@@ -50,6 +50,7 @@ class Timings:
   compile_s: float = 0.0
   stats_passes: int = 0
   stats_s: float = 0.0
+  speculated: int = 0  # Leaves merged in the statistics pass (`statistics.speculative_pass`).
   first_leaf_s: float | None = None  # From the constructor's start to the first output leaf.
   peak_working_set_bytes: int = 0
   groups: int = 0
@@ -115,17 +116,29 @@ def _dependencies(fun, args) -> list[set[int]]:
   return [deps.get(v, set()) if isinstance(v, jax_core.Var) else set() for v in jaxpr.outvars]
 
 
-def _program(fn, static, with_stats, check, totals_only, out_dtype):
-  """The per-leaf program: the merged leaf and its finite report, or the partials of the
-  whole-model sums. A task-specific result (EMR, TALL masks) is returned as it is, its task
-  models built outside jit as `rules.merge`'s callers build them (same bits)."""
+MODES = ("apply", "totals", "speculate")
+
+
+def _program(fn, static, with_stats, check, mode, out_dtype):
+  """The per-leaf program. `mode`: "apply": the merged leaf and its finite report; "totals": the
+  partials of the whole-model sums; "speculate": the merged leaf and its report, computed as if
+  every `leafwise.total_is_negative` answered False (the totals given are zeros), with the
+  partials and the leaf's `relevant` flags. A task-specific result (EMR, TALL masks) is returned
+  as it is, its task models built outside jit as `rules.merge`'s callers build them (same bits)."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
 
   def run(base, experts, stats, traced, totals):
     with leafwise.substituting(totals) as ctx:
       args = (base, experts, stats) if with_stats else (base, experts)
       out = fn(*args, **static, **traced)
-    if totals_only:
+    if mode == "totals":
       return ctx.partials
+    if mode == "speculate":
+      return (*merged(out, base, experts), ctx.partials, ctx.relevant)
+    return merged(out, base, experts)
+
+  def merged(out, base, experts):
     if isinstance(out, TaskSpecificMerge):
       inputs = [front_door._max_abs(t) for t in (base, *experts)]
       return out, (jnp.concatenate([front_door._max_abs(out), *inputs]) if check else None)
