@@ -375,9 +375,10 @@ class StreamingMerge:
         x, report = self.speculated.pop(path)
         pending.append((path, ({"x": x}, report)))
         continue
-      compiled, _ = self._executable(path, "apply")
+      # The speculative program, given the true sums, computes what the apply program would.
+      compiled, _ = self._executable(path, "speculate" if self.speculate else "apply")
       args = self._args([path], self._leaf_stats(path), values)
-      pending.append((path, compiled(*args)))
+      pending.append((path, compiled(*args)[:2]))
     for path, (out, report) in pending:
       if self.task_specific:
         base, out = {"x": self.base[path]}, jax.tree.map(hosts.to_host, out)
