@@ -16,6 +16,7 @@ from configs import merge as merge_config
 from mergejax import rules, streaming
 from mergejax import tree as tree_lib
 from mergejax.io import atomic, hf
+from mergejax.streaming import statistics
 from mergejax.testing.random_models import random_flat_models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -95,23 +96,30 @@ def test_streaming_equals_in_memory_for_options(name, hparams):
     np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[0][path]), err_msg=path)
 
 
-@pytest.mark.parametrize("negative", [False, True])
-def test_sign_only_sums_merge_in_the_statistics_pass(negative):
-  # The election's fallback (the sign of the whole-model score) is guessed "not negative" and every
-  # leaf is merged while the score is summed. A leaf is merged again only where the guess was wrong
-  # and the leaf has a tie (a score of 0 from vectors that are not): c/w[0, 0] here.
+def _tied_models(negative):
+  # Task vectors of one sign (so the election's whole-model score has it), but for a tie at
+  # c/w[0, 0]: a score of 0 from vectors that are not.
   base, experts = _models(n=2)
   sign = -1.0 if negative else 1.0
   experts = [{p: base[p] + sign * np.abs(e[p] - base[p]) for p in base} for e in experts]
   base["c/w"][0, 0], experts[0]["c/w"][0, 0], experts[1]["c/w"][0, 0] = 0.0, 0.5, -0.5
+  return base, experts
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_sign_only_sums_merge_in_the_statistics_pass(negative):
+  # The election's fallback (the sign of the whole-model score) is guessed "not negative" and every
+  # leaf is merged while the score is summed. A leaf is merged again only where the guess was wrong
+  # and the leaf has a tie.
+  base, experts = _tied_models(negative)
   hparams = {"sparsifier": "none", "combine": "ties"}
   expected = _in_memory("sparsify_combine", base, experts, **hparams)[0]
+  assert expected["c/w"][0, 0] == (-0.5 if negative else 0.5)  # The tie takes the score's sign.
   engine = streaming.StreamingMerge("sparsify_combine", base, experts, hparams, memory_budget=2**30)
   assert engine.speculate and engine.timings.stats_passes == 1
   assert engine.timings.speculated == len(base) - (1 if negative else 0)
   for path in base:
     np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[path]), err_msg=path)
-  assert expected["c/w"][0, 0] == sign * 0.5  # The tie takes the whole-model score's sign.
   # A budget with no room beside the largest leaf keeps nothing: every leaf merges again.
   tight = streaming.StreamingMerge(
     "sparsify_combine", base, experts, hparams, memory_budget=engine.timings.peak_working_set_bytes
@@ -121,11 +129,33 @@ def test_sign_only_sums_merge_in_the_statistics_pass(negative):
     np.testing.assert_array_equal(tight.leaf(path), np.asarray(expected[path]), err_msg=path)
 
 
-def test_statistics_take_passes_in_dependency_order():
-  # EMR: the election sum first, then the masked sums that depend on it (the |τ| sums with it).
-  base, experts = _models()
+@pytest.mark.parametrize("negative", [False, True])
+def test_sums_that_need_a_sign_take_the_same_pass(negative, monkeypatch):
+  # EMR: the election's sign sum; the |τ| sums need no other; the masked sums need the sign. One
+  # pass guesses the sign and, where it was wrong, sums the tied leaf's masked partials again.
+  base, experts = _tied_models(negative)
+  expected = _in_memory("emr", base, experts)
   engine = streaming.StreamingMerge("emr", base, experts, {}, memory_budget=8000)
-  assert engine.num_totals == 1 + 2 * len(experts) and engine.timings.stats_passes == 2
+  num_tasks = len(experts)
+  assert engine.num_totals == 1 + 2 * num_tasks and engine.needs[0] == set()
+  assert sorted(map(sorted, engine.needs[1:])) == [[]] * num_tasks + [[0]] * num_tasks
+  assert engine.speculate and engine.timings.stats_passes == 1
+  assert (engine.totals[0] < 0) == negative
+  # Off the speculative pass (as on a mesh): rounds in dependency order, the same bits.
+  monkeypatch.setattr(statistics, "can_speculate", lambda *a: False)
+  rounds = streaming.StreamingMerge("emr", base, experts, {}, memory_budget=8000)
+  assert not rounds.speculate and rounds.timings.stats_passes == 2
+  # The same sums and bits either way. (Against rules.merge these models' task 0 differs by an
+  # ulp: XLA sums a leaf inside the whole-tree program in another order, see the README.)
+  assert engine.totals == rounds.totals
+  for t, model in enumerate(expected):
+    for path in base:
+      np.testing.assert_array_equal(engine.leaf(path, t), rounds.leaf(path, t), err_msg=path)
+      np.testing.assert_allclose(engine.leaf(path, t), model[path], 1e-6, 1e-6, err_msg=path)
+
+
+def test_statistics_passes_of_the_model_wide_trim():
+  base, experts = _models()
   # Passes over the leaves: the candidates fit, rules.merge's host selection (on the leaves' views,
   # one pass); the band a sample locates fits (the views, then the band); nothing fits (a sample,
   # then the histogram and the threshold bin's entries).

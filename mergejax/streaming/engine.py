@@ -190,6 +190,7 @@ class StreamingMerge:
       args = (base, experts, stats) if with_stats else (base, experts)
       jax.eval_shape(lambda a, t: fn(*a, **self.static, **t), args, traced)
     self.sign_only = leafwise.sign_only(ctx)
+    self.sign_totals = [r is not None for r in ctx.relevant]  # Sums asked only for their sign.
     return len(ctx.partials)
 
   # ------------------------------------------------------------------------------ planning
@@ -226,8 +227,12 @@ class StreamingMerge:
     first = self.merged_paths[0]
     if self.sign_only is None or self._stats is not None:  # Not counted yet, or with statistics.
       self.num_totals = self._count_totals([first], self._leaf_stats(first))
-    # Sums asked only for their sign: the statistics pass merges too (`statistics`).
-    self.speculate = bool(self.num_totals) and self.sign_only and self.layout is None
+    # Sign sums (and sums that need only them) take one speculative pass (`statistics`).
+    self.needs = statistics.needs_of_totals(self) if self.num_totals else []
+    self.speculate = self.layout is None and statistics.can_speculate(self.sign_totals, self.needs)
+    # Where every sum is a sign sum, the statistics pass merges too (and merges again where it
+    # guessed wrong: the same program, given the true sums, computes what "apply" would).
+    self.apply_mode = "speculate" if self.speculate and all(self.sign_totals) else "apply"
     self.order = [p for p in order if p in self.index]
     self.working_set: dict[str, int] = {}
     self.row_blocks: dict[str, int] = {}  # Leaves merged in blocks of rows: rows per block.
@@ -262,7 +267,7 @@ class StreamingMerge:
 
   def _output_shapes(self, path: str):
     """The rule's result on one leaf as shapes: the compiled program's, else traced anew."""
-    compiled, args = self._executable(path, "speculate" if self.speculate else "apply")
+    compiled, args = self._executable(path, self.apply_mode)
     if (info := getattr(compiled, "out_info", None)) is not None:
       return info[0]
     fn, with_stats = self._fn()
@@ -272,7 +277,7 @@ class StreamingMerge:
   def leaf_working_set(self, path: str, rows=None) -> int:
     """Bytes a leaf's (or a block of its rows') program holds: XLA's output and temporaries, and
     the inputs XLA copies in."""
-    mode = "speculate" if self.speculate and rows is None else "apply"
+    mode = self.apply_mode if rows is None else "apply"
     compiled, args = self._executable(path, mode, rows)
     mem = getattr(compiled, "compiled", compiled).memory_analysis()
     if mem is None:  # No accounting: three float32 copies of every input.
@@ -302,20 +307,11 @@ class StreamingMerge:
     if not self.num_totals:
       return
     start = time.perf_counter()
-    if self.speculate:
-      statistics.speculative_pass(self)
-      self.timings.stats_s += time.perf_counter() - start
-      return
-    fn, with_stats = self._fn()
-    program = _program(fn, self.static, with_stats, False, "totals", None)
-    path = self.merged_paths[0]
-    args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals)
-    deps = _dependencies(program, args)
-    n_in = len(jax.tree.leaves(args))
-    total_inputs = list(range(n_in - self.num_totals, n_in))
-    needs = [{total_inputs.index(i) for i in d if i in total_inputs} for d in deps]
     with self._blas():
-      statistics.sum_rounds(self, needs)
+      if self.speculate:
+        statistics.speculative_pass(self)
+      else:
+        statistics.sum_rounds(self, self.needs)
     self.timings.stats_s += time.perf_counter() - start
 
   def _merge_in_memory(self) -> None:
@@ -376,7 +372,7 @@ class StreamingMerge:
         pending.append((path, ({"x": x}, report)))
         continue
       # The speculative program, given the true sums, computes what the apply program would.
-      compiled, _ = self._executable(path, "speculate" if self.speculate else "apply")
+      compiled, _ = self._executable(path, self.apply_mode)
       args = self._args([path], self._leaf_stats(path), values)
       pending.append((path, compiled(*args)[:2]))
     for path, (out, report) in pending:

@@ -121,10 +121,10 @@ MODES = ("apply", "totals", "speculate")
 
 def _program(fn, static, with_stats, check, mode, out_dtype):
   """The per-leaf program. `mode`: "apply": the merged leaf and its finite report; "totals": the
-  partials of the whole-model sums; "speculate": the merged leaf and its report, computed as if
-  every `leafwise.total_is_negative` answered False (the totals given are zeros), with the
-  partials and the leaf's `relevant` flags. A task-specific result (EMR, TALL masks) is returned
-  as it is, its task models built outside jit as `rules.merge`'s callers build them (same bits)."""
+  partials of the whole-model sums and the leaf's `relevant` flags (`leafwise.total_is_negative`);
+  "speculate": the merged leaf and its report, then the partials and flags. A task-specific
+  result (EMR, TALL masks) is returned as it is, its task models built outside jit as
+  `rules.merge`'s callers build them (same bits)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
 
@@ -132,8 +132,8 @@ def _program(fn, static, with_stats, check, mode, out_dtype):
     with leafwise.substituting(totals) as ctx:
       args = (base, experts, stats) if with_stats else (base, experts)
       out = fn(*args, **static, **traced)
-    if mode == "totals":
-      return ctx.partials
+    if mode == "totals":  # Its own program: sums over a leaf keep the bits of a whole-tree call.
+      return ctx.partials, ctx.relevant
     if mode == "speculate":
       return (*merged(out, base, experts), ctx.partials, ctx.relevant)
     return merged(out, base, experts)
