@@ -18,7 +18,9 @@ holding more than a budget of working memory, and gives the same bits as `rules.
   they depend on each other (found from the rule's jaxpr), summed in the order a whole-tree call
   sums them; and a rule's `stream_stats` hook for statistics that are not sums (TIES's model-wide
   top-k threshold, `streaming_topk.StreamingTopK`; DARE-TIES's, on its dropped vectors,
-  `rules.dare_trim`).
+  `rules.dare_trim`). Sums asked only for their sign (`leafwise.total_is_negative`), and sums
+  that need only those, take one speculative pass (`statistics.speculative_pass`), which also
+  merges the leaves when every sum is a sign.
 * **Leaf locality is checked, not assumed.** A rule without `stream_stats` is traced on two
   leaves; if an output leaf depends on another leaf's inputs other than through `leafwise.total`,
   the rule cannot stream and the engine says so (`StreamingMerge.reason`) and merges in memory.

@@ -132,7 +132,9 @@ def _program(fn, static, with_stats, check, mode, out_dtype):
     with leafwise.substituting(totals) as ctx:
       args = (base, experts, stats) if with_stats else (base, experts)
       out = fn(*args, **static, **traced)
-    if mode == "totals":  # Its own program: sums over a leaf keep the bits of a whole-tree call.
+    # The sums in a program of their own: beside the merge, XLA may sum a leaf in another order
+    # (EMR's sums taken in the merging program gave 211 entries unlike those of a mesh's run).
+    if mode == "totals":
       return ctx.partials, ctx.relevant
     if mode == "speculate":
       return (*merged(out, base, experts), ctx.partials, ctx.relevant)
