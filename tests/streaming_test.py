@@ -36,6 +36,10 @@ def _in_memory(name, base, experts, **kwargs):
   return [tree_lib.flatten(m) for m in models]
 
 
+# Rules whose whole-model sums are all signs (TIES's election fallback on their own vectors).
+SPECULATE = {"breadcrumbs_ties", "della"}
+
+
 @pytest.mark.parametrize(
   "name", sorted(n for n, r in rules.REGISTRY.items() if not r.data_dependent)
 )
@@ -64,10 +68,6 @@ def test_streaming_equals_in_memory_bit_for_bit(name):
       np.testing.assert_array_equal(engine.leaf(path, t), np.asarray(model[path]), err_msg=path)
       np.testing.assert_array_equal(probe.leaf(path, t), np.asarray(model[path]), err_msg=path)
   assert (probe.timings.speculated > 0) == (name in SPECULATE), probe.timings
-
-
-# Rules whose whole-model sums are all signs (TIES's election fallback on their own vectors).
-SPECULATE = {"breadcrumbs_ties", "della"}
 
 
 @pytest.mark.parametrize(
