@@ -84,12 +84,6 @@ def total_is_negative(partial: jax.Array, relevant: jax.Array) -> jax.Array:
   return (partial if ctx is None else ctx.visit(partial, relevant)) < 0
 
 
-def sign_only(ctx: _Context) -> bool:
-  """Whether every whole-model sum `ctx` saw was a `total_is_negative` (its rule can then be
-  merged speculatively, see the module docstring)."""
-  return bool(ctx.relevant) and all(r is not None for r in ctx.relevant)
-
-
 @contextlib.contextmanager
 def _use(ctx: _Context) -> Iterator[_Context]:
   previous = getattr(_STATE, "ctx", None)

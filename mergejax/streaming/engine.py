@@ -104,7 +104,8 @@ class StreamingMerge:
     self.key = traced.pop("key", None)
     self.traced = traced
     self.num_outputs = 1
-    self.sign_only: bool | None = None  # Set where the rule's whole-model sums are counted.
+    # Per whole-model sum: whether it is asked only for its sign (set where the sums are counted).
+    self.sign_totals: list[bool] | None = None
     self.reason = self._streamable()
     self._groups: dict[str, int] = {}
     self._cache: dict[tuple[str, int], np.ndarray] = {}
@@ -189,8 +190,7 @@ class StreamingMerge:
       base, experts, stats, traced, _ = self._args(paths, stats)
       args = (base, experts, stats) if with_stats else (base, experts)
       jax.eval_shape(lambda a, t: fn(*a, **self.static, **t), args, traced)
-    self.sign_only = leafwise.sign_only(ctx)
-    self.sign_totals = [r is not None for r in ctx.relevant]  # Sums asked only for their sign.
+    self.sign_totals = [r is not None for r in ctx.relevant]
     return len(ctx.partials)
 
   # ------------------------------------------------------------------------------ planning
@@ -225,7 +225,7 @@ class StreamingMerge:
     if self.rule.stream_stats is not None:
       self._stats = self._stream_stats()
     first = self.merged_paths[0]
-    if self.sign_only is None or self._stats is not None:  # Not counted yet, or with statistics.
+    if self.sign_totals is None or self._stats is not None:  # Not counted yet, or with statistics.
       self.num_totals = self._count_totals([first], self._leaf_stats(first))
     # Sign sums (and sums that need only them) take one speculative pass (`statistics`).
     self.needs = statistics.needs_of_totals(self) if self.num_totals else []
