@@ -8,8 +8,9 @@ sample, else two passes over the leaves (`StreamingTopK`) instead of one partiti
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +22,19 @@ from mergejax.selection import TopKStats
 # magnitudes, the kept ones (~20 bytes); per entry of the largest leaf, its scratch (9 bytes).
 _CANDIDATE_BYTES, _SCRATCH_BYTES = 20, 9
 
+# `sample(starts, lengths)` yields, for each leaf i, each expert's float32 task-vector entries at
+# the blocks [s, s + lengths[i]) for s in starts[i], concatenated.
+SampleBlocks = Callable[[Sequence[np.ndarray], Sequence[int]], Iterator[list[np.ndarray]]]
+
 
 def model_top_k_stats(
   leaves: Callable[[], Iterator[tuple[np.ndarray, list[np.ndarray]]]],
   sizes: Sequence[int],
   k: int,
   memory_budget: int | None = None,
+  *,
+  computed: bool = False,
+  sample: SampleBlocks | None = None,
 ) -> TopKStats:
   """`TopKStats` of each expert's task vector over all leaves, the top `k` entries of each.
 
@@ -44,6 +52,11 @@ def model_top_k_stats(
     sizes: the leaves' entry counts.
     k: entries kept per expert.
     memory_budget: bytes of working memory the selection may use (None: stream).
+    computed: each pass computes the leaves it yields (DARE-TIES's dropped vectors), so every
+      one kept for the in-memory selection counts against the budget, view or not.
+    sample: optional `SampleBlocks` computing the band's sample from the inputs at the sampled
+      places alone (default: sliced from a pass over `leaves()`, which for computed leaves
+      means computing them all).
 
   Returns:
     [T] float32 `TopKStats`, one entry per expert.
@@ -52,8 +65,11 @@ def model_top_k_stats(
   if memory_budget is not None:  # The leaves, kept while they cost nothing (views) or fit.
     views, copies = [], 0
     for base, experts in leaves():  # Memory-mapped inputs: nothing is read here.
-      copies += sum(x.nbytes for x in (base, *experts) if x is not None and x.flags.owndata)
-      if copies > memory_budget // 2:
+      held = [x for x in (base, *experts) if x is not None and (computed or x.flags.owndata)]
+      copies += sum(x.nbytes for x in held)
+      # Computed leaves that cannot all fit are not computed on to find out.
+      whole = sum(x.itemsize for x in held) * sum(sizes) if computed and not views else 0
+      if max(copies, whole) > memory_budget // 2:
         views = None
         break
       views.append((base, experts))
@@ -65,17 +81,24 @@ def model_top_k_stats(
   with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
 
     def run_pass(topk: StreamingTopK | None, collect: bool) -> StreamingTopK:
+      pending = []
+      # The next leaf comes (computed, for computed leaves) while the pool adds this one.
       for base, experts in leaves():
         topk = topk or StreamingTopK([k] * len(experts))
-        # A task per expert; the next leaf waits for all, so each expert adds its leaves in order.
-        done = [pool.submit(topk.add, t, x, base, collect=collect) for t, x in enumerate(experts)]
-        for future in done:
+        for future in pending:  # Each expert adds its leaves in order (the same sums).
           future.result()
+        pending = [
+          pool.submit(topk.add, t, x, base, collect=collect) for t, x in enumerate(experts)
+        ]
+      for future in pending:
+        future.result()
       return topk
 
     if memory_budget is not None:
       topk = StreamingTopK([])
-      if topk.select_from_sample(views or leaves(), sizes, k) <= memory_budget // 2:
+      if sample is None:
+        sample = functools.partial(_sliced_blocks, views or leaves())
+      if topk.select_from_sample(sample, sizes, k) <= memory_budget // 2:
         stats = run_pass(topk, True).finalize()
         if stats is not None:
           return stats  # One pass: each k-th largest was inside its sampled band (almost always).
@@ -119,7 +142,7 @@ class StreamingTopK:
     for start in range(0, x.size, _CHUNK):
       part = x[start : start + _CHUNK]
       if o is None:
-        yield part.astype(np.float32)
+        yield part.astype(np.float32, copy=False)
       else:
         yield np.subtract(part, o[start : start + _CHUNK], dtype=np.float32)
 
@@ -134,6 +157,14 @@ class StreamingTopK:
         self.counts[group] += np.bincount(high, minlength=_BINS)
         continue
       low, top = self.bins[group]
+      if top < 0:  # A band of exact zeros alone (from a sample): every nonzero entry is above.
+        # Counts of comparisons: NumPy's count_nonzero of floats is ~5x slower than of bools.
+        nonzero, positive = d.size - np.count_nonzero(d == 0), np.count_nonzero(d > 0)
+        self.above[group] += nonzero
+        self.zeros[group] += d.size - nonzero
+        self.kept_sum[group] += np.sum(d, dtype=np.float64)
+        self.kept_sign[group] += float(2 * positive - nonzero)
+        continue
       # Bins through |d|'s bit pattern: bin(d) > top iff bits >= (top + 1) << 16.
       bits = np.bitwise_and(d.view(np.uint32), np.uint32(0x7FFFFFFF))
       is_above = bits >= np.uint32((top + 1) << 16)
@@ -159,38 +190,36 @@ class StreamingTopK:
       self.bins.append((_BINS - 1 - j, _BINS - 1 - j))
     self._start_collecting()
 
-  def select_from_sample(self, leaves, sizes: Sequence[int], k: int) -> int:
-    """Instead of pass 1: each group's band of bins from a sample of `leaves` (an iterable of
-    `(base_leaf, [expert leaves])`), for the top `k` of every expert; returns the band's
-    expected bytes."""
+  def select_from_sample(self, sample: SampleBlocks, sizes: Sequence[int], k: int) -> int:
+    """Instead of pass 1: each group's band of bins from a sample (`sample`, a `SampleBlocks`
+    over leaves of `sizes`), for the top `k` of every expert; returns the band's expected
+    bytes."""
     n = sum(sizes)
     rng = np.random.default_rng(0)
-    samples = None
-    for (base, experts), size in zip(leaves, sizes, strict=True):
-      if samples is None:
-        self.ks = [int(k)] * len(experts)
-        self.counts = np.zeros((0, _BINS), np.int64)
-        samples = [[] for _ in experts]
+    starts = []
+    for size in sizes:
       blocks = min(-(-_SAMPLE_BLOCKS * size // n), -(-size // _BLOCK))
-      starts = np.unique(rng.integers(0, max(size - _BLOCK, 0) + 1, blocks))
-      b = None if base is None else np.asarray(base).reshape(-1)
-      for t, x in enumerate(experts):
-        x = np.asarray(x).reshape(-1)
-        for i in starts:
-          if b is None:
-            d = x[i : i + _BLOCK].astype(np.float32)
-          else:
-            d = np.subtract(x[i : i + _BLOCK], b[i : i + _BLOCK], dtype=np.float32)
-          # Bins; exact zeros below every bin (-1): the band never needs to hold them.
-          samples[t].append(np.where(d == 0, -1, np.right_shift(np.abs(d).view(np.int32), 16)))
+      starts.append(np.unique(rng.integers(0, max(size - _BLOCK, 0) + 1, blocks)))
+    samples = None
+    for entries in sample(starts, [min(_BLOCK, size) for size in sizes]):
+      if samples is None:
+        self.ks = [int(k)] * len(entries)
+        self.counts = np.zeros((0, _BINS), np.int64)
+        samples = [[] for _ in entries]
+      for t, d in enumerate(entries):
+        # Bins; exact zeros below every bin (-1): the band never needs to hold them.
+        samples[t].append(np.where(d == 0, -1, np.right_shift(np.abs(d).view(np.int32), 16)))
     self.bins, expected = [], 0
-    for k, sample in zip(self.ks, samples, strict=True):
-      high = np.sort(np.concatenate(sample))[::-1]  # Bins, largest first.
+    for k, drawn in zip(self.ks, samples, strict=True):
+      high = np.sort(np.concatenate(drawn))[::-1]  # Bins, largest first.
       m, p = high.size, k / n
       margin = _SIGMAS * np.sqrt(m * p * (1 - p)) + _SLACK
       top = int(high[min(int(m * p - margin), m - 1)]) if m * p - margin >= 0 else _BINS - 1
       low = int(high[int(np.ceil(m * p + margin))]) if m * p + margin < m else 0
-      top, low = max(top, 0), max(low, 0)
+      # Zeros (bin -1) are counted, never held. A top of -1 (an exact zero at the sample's
+      # upper bound for the k-th largest: DARE-TIES at its defaults, whose drop keeps fewer
+      # entries than its trim) is a band of zeros alone: no candidates.
+      low = max(low, 0)
       self.bins.append((low, top))
       expected += 4 * int(np.count_nonzero((high >= low) & (high <= top)) / m * n)
     self._start_collecting()
@@ -208,7 +237,7 @@ class StreamingTopK:
     a group's k-th largest magnitude."""
     out = []
     for g, k in enumerate(self.ks):
-      candidates = np.concatenate(self.candidates[g])
+      candidates = np.concatenate([np.zeros(0, np.float32), *self.candidates[g]])
       rank = k - int(self.above[g])  # The k-th largest's rank inside the band.
       if candidates.size < rank <= candidates.size + self.zeros[g]:
         threshold, kept = np.float32(0.0), candidates  # The k-th largest is an exact zero.
@@ -223,3 +252,17 @@ class StreamingTopK:
       kept_sign = self.kept_sign[g] + float(np.sum(np.sign(kept), dtype=np.float64))
       out.append((threshold, kept_sum, kept_sign))
     return TopKStats(*(jnp.asarray([r[i] for r in out], jnp.float32) for i in range(3)))
+
+
+def _sliced_blocks(
+  leaves: Iterable[tuple[np.ndarray | None, list[np.ndarray]]],
+  starts: Sequence[np.ndarray],
+  lengths: Sequence[int],
+) -> Iterator[list[np.ndarray]]:
+  """The default `SampleBlocks`: the blocks sliced from `leaves` (their task vectors when a base
+  leaf is given)."""
+  for (base, experts), leaf_starts, length in zip(leaves, starts, lengths, strict=True):
+    index = (leaf_starts[:, None] + np.arange(length)).reshape(-1)
+    b = None if base is None else np.asarray(base).reshape(-1)[index]
+    xs = [np.asarray(x).reshape(-1)[index] for x in experts]
+    yield [x.astype(np.float32) if b is None else np.subtract(x, b, dtype=np.float32) for x in xs]

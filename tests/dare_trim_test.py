@@ -34,11 +34,10 @@ def test_dropped_leaves_equal_the_rules_drop_whatever_the_chunk(monkeypatch):
     # Under jit with the density traced, as the rule runs (eager division may round otherwise).
     drop = jax.jit(lambda v, k, d, r=rescale: sparsify.random_drop(v, k, d, rescale=r))
     want = drop(vectors, keys, np.float32(0.3))
-    # Chunks and pieces that cut every leaf (pieces not a multiple of chunks); one per leaf.
-    for chunk, piece in [(16, 40), (1 << 20, 1 << 24)]:
+    # Chunks that cut every leaf (padded at its end); one per leaf.
+    for chunk in (16, 1 << 20):
       monkeypatch.setattr(dare_trim, "_CHUNK", chunk)
       monkeypatch.setattr(dare_trim, "_SMALL_CHUNK", min(chunk, 1 << 16))
-      monkeypatch.setattr(dare_trim, "_PIECE", piece)
       leaves = lambda: ((base[p], [e[p] for e in experts]) for p in paths)  # noqa: E731
       got = list(dare_trim.dropped_leaves(leaves, paths, key, 0.3, rescale)())
       sizes = [int(np.prod(SHAPES[p])) for p in paths]
@@ -77,8 +76,7 @@ def test_host_trim_equals_the_trim_inside_jit(hparams):
 def test_streamed_trim_equals_in_memory(monkeypatch, budget):
   # budget 4000 bytes: the dropped vectors do not fit, so the trim streams (StreamingTopK passes).
   monkeypatch.setattr(dare_trim, "_CHUNK", 64)
-  monkeypatch.setattr(dare_trim, "_SMALL_CHUNK", 16)
-  monkeypatch.setattr(dare_trim, "_PIECE", 100)  # Leaves of 130 and 210 entries in pieces.
+  monkeypatch.setattr(dare_trim, "_SMALL_CHUNK", 16)  # Leaves of 130 and 210 entries in pieces.
   base, experts = _models()
   hparams = rules.add_key("dare_ties", {"density": 0.5, "weights": [1.0, 2.0, 0.5]}, 1)
   want = rules.merge(
@@ -123,3 +121,84 @@ def test_top_k_of_mostly_zero_vectors(k, how, monkeypatch):
   for t, xs in enumerate(experts):
     want = _sorted_reference(xs, k)
     np.testing.assert_array_equal([np.asarray(s)[t] for s in got], want)
+
+
+def _leaves_fn(base, experts, paths):
+  return lambda: ((base[p], [e[p] for e in experts]) for p in paths)
+
+
+def test_sampled_blocks_are_the_passes_entries(monkeypatch):
+  # The band's sample, computed at the sampled blocks alone, holds the pass's values there.
+  from mergejax import streaming_topk
+
+  monkeypatch.setattr(dare_trim, "_CHUNK", 64)
+  monkeypatch.setattr(dare_trim, "_SMALL_CHUNK", 16)
+  base, experts = _models()
+  key, paths = jax.random.key(3), sorted(SHAPES)
+  leaves = _leaves_fn(base, experts, paths)
+  pieces = [xs for _, xs in dare_trim.dropped_leaves(leaves, paths, key, 0.4, "inverse")()]
+  sizes = dare_trim.piece_sizes([int(np.prod(SHAPES[p])) for p in paths], "inverse")
+  rng = np.random.default_rng(0)
+  lengths = [min(5, n) for n in sizes]
+  starts = [
+    np.unique(rng.integers(0, n - length + 1, 3)) for n, length in zip(sizes, lengths, strict=True)
+  ]
+  sample = dare_trim.dropped_sample(leaves, paths, key, 0.4, "inverse")
+  got = list(sample(starts, lengths))
+  want = list(streaming_topk._sliced_blocks([(None, xs) for xs in pieces], starts, lengths))
+  assert len(got) == len(pieces) == len(sizes)
+  for g, w, s, length in zip(got, want, starts, lengths, strict=True):
+    assert all(x.shape == (s.size * length,) for x in w)
+    for x, y in zip(g, w, strict=True):
+      np.testing.assert_array_equal(x, y)
+  assert dare_trim.dropped_sample(leaves, paths, key, 0.4, "l1") is None  # Norms need all.
+
+
+def test_streamed_drop_is_computed_once(monkeypatch):
+  # Dropped vectors above the budget: one collecting pass computes them, after a sample of
+  # blocks, not a whole pass to sample them and another to find that they do not fit.
+  from mergejax import streaming_topk
+
+  monkeypatch.setattr(streaming_topk, "_SAMPLE_BLOCKS", 64)
+  monkeypatch.setattr(streaming_topk, "_BLOCK", 16)
+  shapes = {"a": (64, 64), "b": (4096,), "c": (16, 256), "d": (2, 2048)}  # Unpadded chunks.
+  base, experts = random_flat_models(shapes, 3, 1)
+  paths, sizes = sorted(shapes), [int(np.prod(shapes[p])) for p in sorted(shapes)]
+  computed = []
+  drop = dare_trim._dropped_chunk
+  monkeypatch.setattr(
+    dare_trim, "_dropped_chunk", lambda b, *a, **k: computed.append(b.size) or drop(b, *a, **k)
+  )
+  hparams = {"key": jax.random.key(4), "density": 0.2, "rescale": "inverse"}
+  for trim_density in (0.1, 0.5):  # A k-th largest inside the nonzeros, then at a zero.
+    computed.clear()
+    leaf_stats = dare_trim.stream_stats(
+      _leaves_fn(base, experts, paths), sizes, paths=paths, trim_density=trim_density,
+      memory_budget=150_000, **hparams,
+    )  # fmt: skip
+    # The pass, its first leaf again (to learn the experts' count), the sampled blocks.
+    assert sum(sizes) < sum(computed) < 1.4 * sum(sizes)
+    want = dare_trim.prepare(base, [dict(e) for e in experts], trim_density=trim_density, **hparams)
+    for x, y in zip(leaf_stats(0), want, strict=True):
+      np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("k", [50, 119, 121, 500])
+def test_a_band_of_zeros_alone(k):
+  # A band of zeros (top bin -1) holds no candidates: exact when the k-th largest is a zero
+  # (k > 120 nonzeros), and a miss (None, then the two passes) when it is not.
+  from mergejax import streaming_topk
+
+  rng = np.random.default_rng(k)
+  x = np.zeros(700, np.float32)
+  x[rng.choice(700, 120, replace=False)] = rng.standard_normal(120).astype(np.float32)
+  topk = streaming_topk.StreamingTopK([k])
+  topk.bins = [(0, -1)]
+  topk._start_collecting()
+  topk.add(0, x[:300], collect=True)
+  topk.add(0, x[300:], collect=True)
+  got = topk.finalize()
+  if k <= 120:
+    assert got is None
+  else:
+    np.testing.assert_array_equal([np.asarray(s)[0] for s in got], _sorted_reference([x], k))

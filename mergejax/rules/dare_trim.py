@@ -27,7 +27,6 @@ from mergejax.tree import path_str
 
 _CHUNK = 1 << 20  # Entries per call of the drop program for large leaves (4 MiB per expert).
 _SMALL_CHUNK = 1 << 16  # The most for the others.
-_PIECE = 1 << 24  # Most entries of a leaf a pass yields at once (64 MiB of float32 per expert).
 
 
 @functools.partial(jax.jit, static_argnames=("rescale",))
@@ -55,9 +54,8 @@ def dropped_leaves(
 
   Returns:
     A function starting a pass that yields `(None, [flat float32 dropped τt per expert])` per
-    piece of at most _PIECE entries of each leaf (`piece_sizes`: a 128256 x 2048 embedding would
-    otherwise take 8.4 GB for 8 experts), each expert's array its own allocation (the selection
-    counts them as memory held).
+    piece of each leaf (`piece_sizes`): the drop program's outputs as they come, one call's
+    chunk each (copying them into larger arrays took 3x the drop itself: fresh pages).
   """
   paths = list(paths)
   density = jnp.float32(density)
@@ -71,47 +69,80 @@ def dropped_leaves(
         dropped = _dropped_chunk(
           base, list(experts), data[:, path_index], np.uint32(0), density, rescale=rescale
         )
-        yield None, [np.array(d).reshape(-1) for d in dropped]
+        yield None, [np.asarray(d).reshape(-1) for d in dropped]
         continue
       b = np.asarray(base).reshape(-1)
       xs = [np.asarray(x).reshape(-1) for x in experts]
-      n, chunk = b.size, _chunk(b.size)
-      for first, last in _pieces(n):
-        outs = [np.empty(last - first, np.float32) for _ in xs]
-        for start in range(first, last, chunk):
-          stop = min(start + chunk, last)
-          parts = [b[start:stop], *(x[start:stop] for x in xs)]
-          if stop - start < chunk:
-            parts = [np.pad(p, (0, chunk - (stop - start))) for p in parts]
-          dropped = _dropped_chunk(
-            parts[0], parts[1:], data[:, path_index], np.uint32(start), density, rescale=rescale
-          )
-          for out, d in zip(outs, dropped, strict=True):
-            out[start - first : stop - first] = np.asarray(d)[: stop - start]
-        yield None, outs
+      chunk = _chunk(b.size)
+      for start in range(0, b.size, chunk):
+        yield None, _drop_at(b, xs, start, chunk, chunk, data[:, path_index], density, rescale)
 
   return run
 
 
+def _drop_at(b, xs, start, length, padded, key_data, density, rescale) -> list[np.ndarray]:
+  """The dropped `b`, `xs` (flat) at [start, start + length), by one call of `padded` entries."""
+  stop = min(start + length, b.size)
+  parts = [b[start:stop], *(x[start:stop] for x in xs)]
+  if stop - start < padded:
+    parts = [np.pad(p, (0, padded - (stop - start))) for p in parts]
+  dropped = _dropped_chunk(
+    parts[0], parts[1:], key_data, np.uint32(start), density, rescale=rescale
+  )
+  return [np.asarray(d)[: stop - start] for d in dropped]
+
+
+def dropped_sample(
+  leaves: Callable[[], Iterator[tuple[Any, Sequence[Any]]]],
+  paths: Sequence[str],
+  key: jax.Array,
+  density: Any,
+  rescale: str,
+) -> streaming_topk.SampleBlocks | None:
+  """The `streaming_topk.SampleBlocks` of `dropped_leaves`'s pieces: each sampled block dropped
+  by itself, from a pass over the (memory-mapped) leaves that reads the blocks alone.
+
+  Returns:
+    None for rescale "l1" (a block's values need its whole leaf's norm).
+  """
+  if rescale == "l1":
+    return None
+  paths = list(paths)
+  density = jnp.float32(density)
+
+  def sample(starts, lengths):
+    pieces, padded, data = iter(zip(starts, lengths, strict=True)), max(lengths), None
+    for path_index, (base, experts) in enumerate(leaves()):
+      if data is None:
+        data = np.asarray(sparsify.leaf_key_data(key, len(experts), paths))
+      b = np.asarray(base).reshape(-1)
+      xs = [np.asarray(x).reshape(-1) for x in experts]
+      chunk = _chunk(b.size)
+      for first in range(0, b.size, chunk):
+        piece_starts, length = next(pieces)
+        blocks = [
+          _drop_at(b, xs, first + s, length, padded, data[:, path_index], density, rescale)
+          for s in piece_starts
+        ]
+        yield [np.concatenate(per_expert) for per_expert in zip(*blocks, strict=True)]
+
+  return sample
+
+
 def _chunk(n: int) -> int:
   """Entries per call for a leaf of n: 4^6, 4^7 or 4^8 (padded: a few compiled programs cover
-  every leaf, with little padding for ViT-sized leaves), _CHUNK for leaves of 16 chunks or more
+  every leaf, with little padding for ViT-sized leaves), _CHUNK for leaves of 4 chunks or more
   (fewer calls)."""
-  if n >= 16 * _CHUNK:
+  if n >= 4 * _CHUNK:
     return _CHUNK
   return min(_SMALL_CHUNK, 4 ** max(6, -(-(n - 1).bit_length() // 2)))
-
-
-def _pieces(n: int) -> list[tuple[int, int]]:
-  """A leaf's pieces of at most _PIECE entries (whole chunks), as the passes yield them."""
-  return [(s, min(s + _PIECE, n)) for s in range(0, n, _PIECE)]
 
 
 def piece_sizes(sizes: Sequence[int], rescale: str) -> list[int]:
   """The entry counts of what a pass of `dropped_leaves` yields, for leaves of `sizes`."""
   if rescale == "l1":
     return list(sizes)
-  return [last - first for n in sizes for first, last in _pieces(n)]
+  return [min(_chunk(n), n - s) for n in sizes for s in range(0, n, _chunk(n))]
 
 
 def _leaves_of(base, experts):
@@ -162,7 +193,10 @@ def stream_stats(
     return lambda i: None
   k = _count(sum(sizes), trim_density)
   dropped = dropped_leaves(leaves, paths, key, density, rescale)
-  stats = streaming_topk.model_top_k_stats(dropped, piece_sizes(sizes, rescale), k, memory_budget)
+  sample = dropped_sample(leaves, paths, key, density, rescale)
+  stats = streaming_topk.model_top_k_stats(
+    dropped, piece_sizes(sizes, rescale), k, memory_budget, computed=True, sample=sample
+  )
   return lambda i: stats
 
 
