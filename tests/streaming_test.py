@@ -210,6 +210,35 @@ def test_a_leaf_above_the_budget_is_merged_in_blocks_of_rows(name, hparams):
 
 
 @pytest.mark.parametrize(
+  "name,hparams,split",
+  [
+    ("task_arithmetic", {}, True),
+    ("breadcrumbs", {"layout": "torch"}, True),
+    ("dare", {"rescale": "l1"}, False),  # Per-leaf norms: whole, as it fits the budget.
+  ],
+)
+def test_a_large_program_within_the_budget_runs_in_even_blocks(monkeypatch, name, hparams, split):
+  # GB-sized XLA:CPU programs ran slower per entry: leaves whose program needs more than
+  # SPLIT_ABOVE are split where the rule allows, in blocks that divide the rows evenly.
+  from mergejax.streaming import blocks
+
+  base, experts = _models(shapes={"big": (60, 24), "e": (7,)})
+  hparams = rules.add_key(name, hparams, 4)
+  expected = _in_memory(name, base, experts, **hparams)[0]
+  whole = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  monkeypatch.setattr(blocks, "SPLIT_ABOVE", whole.working_set["big"] // 3)
+  engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  if split:
+    rows = engine.row_blocks["big"]
+    assert 60 % rows == 0 and rows < 60
+    assert engine.leaf_working_set("big", (0, rows)) <= blocks.SPLIT_ABOVE
+  else:
+    assert engine.row_blocks == {} and engine.working_set == whole.working_set
+  for path in base:
+    np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[path]), err_msg=path)
+
+
+@pytest.mark.parametrize(
   "name,hparams,why",
   [
     ("dare", {"rescale": "l1"}, "cannot merge a leaf in blocks of rows"),  # Per-leaf norms.

@@ -238,7 +238,10 @@ class StreamingMerge:
     self.row_blocks: dict[str, int] = {}  # Leaves merged in blocks of rows: rows per block.
     for path in self.merged_paths:
       ws = self.leaf_working_set(path)
-      if ws > self.budget and (split := blocks.rows_per_block(self, path, ws)) is not None:
+      # Above the budget, or above SPLIT_ABOVE where the rule allows: in blocks of rows.
+      if ws > min(self.budget, blocks.SPLIT_ABOVE) and (
+        split := blocks.rows_per_block(self, path, ws)
+      ):
         self.row_blocks[path], ws = split
       self.working_set[path] = ws
       if ws > self.budget:
