@@ -212,14 +212,15 @@ def test_a_leaf_above_the_budget_is_merged_in_blocks_of_rows(name, hparams):
 @pytest.mark.parametrize(
   "name,hparams,split",
   [
-    ("task_arithmetic", {}, True),
     ("breadcrumbs", {"layout": "torch"}, True),
+    ("della", {"layout": "torch", "combine": "sum"}, True),
+    ("task_arithmetic", {}, False),  # No temporaries: whole.
     ("dare", {"rescale": "l1"}, False),  # Per-leaf norms: whole, as it fits the budget.
   ],
 )
-def test_a_large_program_within_the_budget_runs_in_even_blocks(monkeypatch, name, hparams, split):
-  # GB-sized XLA:CPU programs ran slower per entry: leaves whose program needs more than
-  # SPLIT_ABOVE are split where the rule allows, in blocks that divide the rows evenly.
+def test_large_temporaries_within_the_budget_run_in_even_blocks(monkeypatch, name, hparams, split):
+  # XLA:CPU programs with GB-sized temporaries ran slower per entry: leaves whose program holds
+  # more than SPLIT_ABOVE are split where the rule allows, in blocks that divide the rows evenly.
   from mergejax.streaming import blocks
 
   base, experts = _models(shapes={"big": (60, 24), "e": (7,)})
@@ -227,6 +228,7 @@ def test_a_large_program_within_the_budget_runs_in_even_blocks(monkeypatch, name
   expected = _in_memory(name, base, experts, **hparams)[0]
   whole = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
   monkeypatch.setattr(blocks, "SPLIT_ABOVE", whole.working_set["big"] // 3)
+  assert blocks.large_temporaries(whole, "big") == (name != "task_arithmetic")
   engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
   if split:
     rows = engine.row_blocks["big"]

@@ -19,11 +19,19 @@ from mergejax import leafwise, sparsify
 from mergejax.distributed import hosts
 from mergejax.streaming.programs import check_outputs
 
-# A leaf whose program needs more than this is merged in blocks of rows even within the budget,
-# where its rule allows: XLA:CPU programs with GB-sized buffers ran up to 3x slower per entry
-# (Breadcrumbs on a 128256 x 2048 embedding, 8 experts, 2 GB budget: 51 s in blocks of 1.6 GB,
-# 17 s in blocks of 256 MB; fresh pages at every call, and caches).
+# A leaf whose program holds temporaries above this is merged in blocks of rows of at most this
+# even within the budget, where its rule allows: XLA:CPU programs with GB-sized temporaries ran
+# up to 3x slower per entry (Breadcrumbs' |τ| rows for its host sorts, 128256 x 2048 embedding,
+# 8 experts, 2 GB budget: 51 s in blocks of 1.6 GB, 17-21 s in blocks of 256 MB: fresh pages
+# at every call). Elementwise rules' programs (no temporaries) stay whole.
 SPLIT_ABOVE = 256 << 20
+
+
+def large_temporaries(engine: Any, path: str) -> bool:
+  """Whether the leaf's program holds more than SPLIT_ABOVE of XLA temporaries."""
+  compiled, _ = engine._executable(path, engine.apply_mode)
+  mem = getattr(compiled, "compiled", compiled).memory_analysis()
+  return mem is not None and mem.temp_size_in_bytes > SPLIT_ABOVE
 
 
 def key_offset(leaf, rows) -> np.uint32 | None:
@@ -68,8 +76,8 @@ def why_not_split(engine: Any, path: str) -> str:
 
 def rows_per_block(engine: Any, path: str, working_set: int) -> tuple[int, int] | None:
   """(rows per block, working set) for a leaf whose program needs `working_set` bytes, more than
-  the budget or than SPLIT_ABOVE, or None if it cannot be split (or need not, and one row's
-  program needs more than SPLIT_ABOVE).
+  the budget or with `large_temporaries`, or None if it cannot be split (or need not, and one
+  row's program needs more than SPLIT_ABOVE).
 
   A block's program needs at most SPLIT_ABOVE where one row's allows, else the budget; the
   working set counts it and the whole output leaf the blocks fill. Blocks divide the rows evenly

@@ -238,8 +238,8 @@ class StreamingMerge:
     self.row_blocks: dict[str, int] = {}  # Leaves merged in blocks of rows: rows per block.
     for path in self.merged_paths:
       ws = self.leaf_working_set(path)
-      # Above the budget, or above SPLIT_ABOVE where the rule allows: in blocks of rows.
-      if ws > min(self.budget, blocks.SPLIT_ABOVE) and (
+      # Above the budget, or with large temporaries where the rule allows: in blocks of rows.
+      if (ws > self.budget or blocks.large_temporaries(self, path)) and (
         split := blocks.rows_per_block(self, path, ws)
       ):
         self.row_blocks[path], ws = split
