@@ -11,8 +11,9 @@ Llama config.json) under --dir, then, per rule, runs in fresh processes the merg
 default threads) on the same files, measured by `bench_util.sample`: wall and CPU time, peak
 RssAnon (anonymous memory; the page cache of memory-mapped inputs is not counted) and peak RSS.
 "read once" is the time to read every input file once, before the runs and after them (page
-cache as it stands: a model larger than the free memory is read from disk). The checkpoints
-are deleted at the end unless --keep.
+cache as it stands: a model larger than the free memory is read from disk; with --cold, root
+only, the cache is emptied before it and before every run, so every figure reads from disk).
+The checkpoints are deleted at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ _MERGEKIT_BIN = flags.DEFINE_string(
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoints.")
 _ONLY_WRITE = flags.DEFINE_bool("only_write", False, "Write the checkpoints (kept) and stop.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 3600, "A run taking longer is killed.")
+_COLD = flags.DEFINE_bool(
+  "cold",
+  False,
+  "Empty the page cache (root only) before the read-once and before every run, so each figure "
+  "reads its inputs from disk, as a one-shot merge of files on disk does. Without it, what the "
+  "cache holds depends on the runs before (22 GB of inputs, 23 GiB of RAM).",
+)
 
 # DARE-TIES: each library's own at p = 0.9. mergejax's default is the DARE paper's code (1/(1-p),
 # then a TIES trim of the whole model, mass election, disjoint mean; the trim's thresholds from a
@@ -141,6 +149,8 @@ def main(argv):
   )
   if _ONLY_WRITE.value:
     return
+  cold = bench_util.drop_page_cache if _COLD.value else lambda: None
+  cold()
   read_s = bench_util.read_once(paths)
   print(f"read every input once: {read_s:.2f} s", flush=True)
   rows = []
@@ -160,6 +170,7 @@ def main(argv):
       f"--config.memory_budget_gb={_BUDGET.value}",
       f"--workdir={out}",
     ]
+    cold()
     s = bench_util.sample(cmd, _TIMEOUT.value, env=env, cwd=ROOT)
     record = json.loads((out / "run.json").read_text()) if s.returncode == 0 else {}
     rows.append(("mergejax", rule, s))
@@ -178,10 +189,12 @@ def main(argv):
         "--low-cpu-memory",
         "--no-cuda",
       ]
+      cold()
       s = bench_util.sample(cmd, _TIMEOUT.value)
       rows.append(("mergekit", rule, s))
       print(rule, s, flush=True)
       shutil.rmtree(root / f"mk_{rule}", ignore_errors=True)
+  cold()
   read_after = bench_util.read_once(paths)
   print(
     f"\n{params / 1e6:.0f}M params x (1 + {_EXPERTS.value}) bf16, {inputs_gb:.2f} GB; "

@@ -114,6 +114,13 @@ def read_once(paths: Sequence[Path]) -> float:
   return time.perf_counter() - start
 
 
+def drop_page_cache() -> None:
+  """Empties the OS page cache (root only), so the next reads come from disk: `sync`, then
+  /proc/sys/vm/drop_caches. Raises PermissionError without root."""
+  os.sync()
+  Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
 def mergekit_yaml(
   path: Path,
   method: str,
