@@ -15,6 +15,7 @@ import numpy as np
 from mergejax import lapack_threads, leafwise
 from mergejax import tree as tree_lib
 from mergejax.distributed import hosts, spmd
+from mergejax.io.read_ahead import ReadAhead
 from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
@@ -108,6 +109,7 @@ class StreamingMerge:
     self.sign_totals: list[bool] | None = None
     self.reason = self._streamable()
     self._groups: dict[str, int] = {}
+    self._ahead: ReadAhead | None = None  # The apply pass's disk reads ahead of its compute.
     self._cache: dict[tuple[str, int], np.ndarray] = {}
     self.speculated: dict[str, tuple[Any, Any]] = {}  # Leaves merged in the statistics pass.
     if self.reason is None:
@@ -288,8 +290,10 @@ class StreamingMerge:
     return int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
 
   def _leaves(self) -> Iterator[tuple[Any, list[Any]]]:
-    for p in self.merged_paths:
-      yield np.asarray(self.base[p]), [np.asarray(e[p]) for e in self.experts]
+    with ReadAhead.of_leaves(self.base, self.experts, self.merged_paths) as ahead:
+      for i, p in enumerate(self.merged_paths):
+        ahead.reached(i)
+        yield np.asarray(self.base[p]), [np.asarray(e[p]) for e in self.experts]
 
   def _stream_stats(self):
     start, passes, paths = time.perf_counter(), [], self.merged_paths
@@ -363,6 +367,8 @@ class StreamingMerge:
       self._run_group_now(group)
 
   def _run_group_now(self, group: int) -> None:
+    self._ahead = self._ahead or ReadAhead.of_leaves(self.base, self.experts, self.order)
+    self._ahead.reached(self.order.index(self.group_paths[group][0]))
     self._cache = {k: v for k, v in self._cache.items() if self._groups.get(k[0]) == group}
     values = [self.totals[j] for j in range(self.num_totals)]
     pending = []

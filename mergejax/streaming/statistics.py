@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from mergejax.distributed import hosts
+from mergejax.io.read_ahead import ReadAhead
 from mergejax.streaming.programs import _dependencies, _program
 
 
@@ -30,12 +31,15 @@ def sum_rounds(engine: Any, needs: list[set[int]]) -> None:
       raise RuntimeError(f"{engine.rule.name}: whole-model sums depend on each other in a cycle.")
     values = [engine.totals.get(j, np.float32(0)) for j in range(engine.num_totals)]
     acc = dict.fromkeys(ready, np.float32(0))
-    for path in sum_order(engine):
-      compiled, _ = engine._executable(path, "totals")
-      args = engine._args([path], engine._leaf_stats(path), values)
-      partials = [hosts.to_host(p) for p in compiled(*args)[0]]
-      for j in ready:
-        acc[j] = np.float32(acc[j] + np.float32(partials[j]))
+    paths = sum_order(engine)
+    with ReadAhead.of_leaves(engine.base, engine.experts, paths) as ahead:
+      for i, path in enumerate(paths):
+        ahead.reached(i)
+        compiled, _ = engine._executable(path, "totals")
+        args = engine._args([path], engine._leaf_stats(path), values)
+        partials = [hosts.to_host(p) for p in compiled(*args)[0]]
+        for j in ready:
+          acc[j] = np.float32(acc[j] + np.float32(partials[j]))
     engine.totals.update(acc)
     engine.timings.stats_passes += 1
 
@@ -103,7 +107,9 @@ def speculative_pass(engine: Any) -> None:
   partials: dict[str, list[np.float32]] = {}
   relevant: dict[str, np.ndarray] = {}
   kept: dict[str, tuple[Any, Any]] = {}
-  for path in paths:
+  ahead = ReadAhead.of_leaves(engine.base, engine.experts, paths)
+  for i, path in enumerate(paths):
+    ahead.reached(i)
     compiled, _ = engine._executable(path, "speculate" if keep_outputs else "totals")
     args = engine._args([path], engine._leaf_stats(path), [np.float32(0)] * n)
     out, report, leaf_partials, leaf_relevant = (
@@ -115,6 +121,7 @@ def speculative_pass(engine: Any) -> None:
     if size <= room:
       room -= size
       kept[path] = (out["x"], report)
+  ahead.close()
   signs = {j: _in_order(partials[p][j] for p in paths) for j in np.flatnonzero(sign)}
   wrong = np.array([j in signs and signs[j] < 0 for j in range(n)])
   redo = [p for p in paths if (relevant[p] & wrong).any()]
