@@ -315,10 +315,7 @@ class StreamingMerge:
       return
     start = time.perf_counter()
     with self._blas():
-      if self.speculate:
-        statistics.speculative_pass(self)
-      else:
-        statistics.sum_rounds(self, self.needs)
+      (statistics.speculative_pass if self.speculate else statistics.sum_rounds)(self)
     self.timings.stats_s += time.perf_counter() - start
 
   def _merge_in_memory(self) -> None:
@@ -375,6 +372,7 @@ class StreamingMerge:
     for path in self.group_paths[group]:  # Dispatched together; XLA runs them as they come.
       if path in self.row_blocks:
         self._cache[(path, 0)] = blocks.merge_in_blocks(self, path, values)
+        self._ahead.reached(self.order.index(path) + 1)
         continue
       if path in self.speculated:
         x, report = self.speculated.pop(path)
@@ -394,7 +392,7 @@ class StreamingMerge:
         check_outputs(path, self.base, self.experts, models, report)
       for t, m in enumerate(models):
         x = hosts.to_host(m["x"])
-        want = self.output_dtype(path)
-        self._cache[(path, t)] = x if x.dtype == want else x.astype(want)
+        self._cache[(path, t)] = x.astype(self.output_dtype(path), copy=False)
+      self._ahead.reached(self.order.index(path) + 1)  # Done: read from there on.
     if self.timings.first_leaf_s is None:
       self.timings.first_leaf_s = time.perf_counter() - self._started

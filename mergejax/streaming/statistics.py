@@ -13,14 +13,14 @@ from mergejax.io.read_ahead import ReadAhead
 from mergejax.streaming.programs import _dependencies, _program
 
 
-def sum_rounds(engine: Any, needs: list[set[int]]) -> None:
+def sum_rounds(engine: Any) -> None:
   """Fills `engine.totals` with the whole-model sums, one pass over the leaves per round (a sum
-  whose partials need other sums waits for them).
+  whose partials need other sums, `engine.needs`, waits for them).
 
   Args:
     engine: a `StreamingMerge`.
-    needs: for each sum, the sums its partials depend on.
   """
+  needs = engine.needs
   while len(engine.totals) < engine.num_totals:
     ready = [
       j
