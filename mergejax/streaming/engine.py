@@ -15,7 +15,6 @@ import numpy as np
 from mergejax import lapack_threads, leafwise
 from mergejax import tree as tree_lib
 from mergejax.distributed import hosts, spmd
-from mergejax.io.read_ahead import ReadAhead
 from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
@@ -109,7 +108,6 @@ class StreamingMerge:
     self.sign_totals: list[bool] | None = None
     self.reason = self._streamable()
     self._groups: dict[str, int] = {}
-    self._ahead: ReadAhead | None = None  # The apply pass's disk reads ahead of its compute.
     self._cache: dict[tuple[str, int], np.ndarray] = {}
     self.speculated: dict[str, tuple[Any, Any]] = {}  # Leaves merged in the statistics pass.
     if self.reason is None:
@@ -290,10 +288,8 @@ class StreamingMerge:
     return int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
 
   def _leaves(self) -> Iterator[tuple[Any, list[Any]]]:
-    with ReadAhead.of_leaves(self.base, self.experts, self.merged_paths) as ahead:
-      for i, p in enumerate(self.merged_paths):
-        ahead.reached(i)
-        yield np.asarray(self.base[p]), [np.asarray(e[p]) for e in self.experts]
+    for p in self.merged_paths:
+      yield np.asarray(self.base[p]), [np.asarray(e[p]) for e in self.experts]
 
   def _stream_stats(self):
     start, passes, paths = time.perf_counter(), [], self.merged_paths
@@ -315,7 +311,10 @@ class StreamingMerge:
       return
     start = time.perf_counter()
     with self._blas():
-      (statistics.speculative_pass if self.speculate else statistics.sum_rounds)(self)
+      if self.speculate:
+        statistics.speculative_pass(self)
+      else:
+        statistics.sum_rounds(self, self.needs)
     self.timings.stats_s += time.perf_counter() - start
 
   def _merge_in_memory(self) -> None:
@@ -364,15 +363,12 @@ class StreamingMerge:
       self._run_group_now(group)
 
   def _run_group_now(self, group: int) -> None:
-    self._ahead = self._ahead or ReadAhead.of_leaves(self.base, self.experts, self.order)
-    self._ahead.reached(self.order.index(self.group_paths[group][0]))
     self._cache = {k: v for k, v in self._cache.items() if self._groups.get(k[0]) == group}
     values = [self.totals[j] for j in range(self.num_totals)]
     pending = []
     for path in self.group_paths[group]:  # Dispatched together; XLA runs them as they come.
       if path in self.row_blocks:
         self._cache[(path, 0)] = blocks.merge_in_blocks(self, path, values)
-        self._ahead.reached(self.order.index(path) + 1)
         continue
       if path in self.speculated:
         x, report = self.speculated.pop(path)
@@ -392,7 +388,7 @@ class StreamingMerge:
         check_outputs(path, self.base, self.experts, models, report)
       for t, m in enumerate(models):
         x = hosts.to_host(m["x"])
-        self._cache[(path, t)] = x.astype(self.output_dtype(path), copy=False)
-      self._ahead.reached(self.order.index(path) + 1)  # Done: read from there on.
+        want = self.output_dtype(path)
+        self._cache[(path, t)] = x if x.dtype == want else x.astype(want)
     if self.timings.first_leaf_s is None:
       self.timings.first_leaf_s = time.perf_counter() - self._started

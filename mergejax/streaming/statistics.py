@@ -9,18 +9,17 @@ import jax
 import numpy as np
 
 from mergejax.distributed import hosts
-from mergejax.io.read_ahead import ReadAhead
 from mergejax.streaming.programs import _dependencies, _program
 
 
-def sum_rounds(engine: Any) -> None:
+def sum_rounds(engine: Any, needs: list[set[int]]) -> None:
   """Fills `engine.totals` with the whole-model sums, one pass over the leaves per round (a sum
-  whose partials need other sums, `engine.needs`, waits for them).
+  whose partials need other sums waits for them).
 
   Args:
     engine: a `StreamingMerge`.
+    needs: for each sum, the sums its partials depend on.
   """
-  needs = engine.needs
   while len(engine.totals) < engine.num_totals:
     ready = [
       j
@@ -31,15 +30,12 @@ def sum_rounds(engine: Any) -> None:
       raise RuntimeError(f"{engine.rule.name}: whole-model sums depend on each other in a cycle.")
     values = [engine.totals.get(j, np.float32(0)) for j in range(engine.num_totals)]
     acc = dict.fromkeys(ready, np.float32(0))
-    paths = sum_order(engine)
-    with ReadAhead.of_leaves(engine.base, engine.experts, paths) as ahead:
-      for i, path in enumerate(paths):
-        ahead.reached(i)
-        compiled, _ = engine._executable(path, "totals")
-        args = engine._args([path], engine._leaf_stats(path), values)
-        partials = [hosts.to_host(p) for p in compiled(*args)[0]]
-        for j in ready:
-          acc[j] = np.float32(acc[j] + np.float32(partials[j]))
+    for path in sum_order(engine):
+      compiled, _ = engine._executable(path, "totals")
+      args = engine._args([path], engine._leaf_stats(path), values)
+      partials = [hosts.to_host(p) for p in compiled(*args)[0]]
+      for j in ready:
+        acc[j] = np.float32(acc[j] + np.float32(partials[j]))
     engine.totals.update(acc)
     engine.timings.stats_passes += 1
 
@@ -107,9 +103,7 @@ def speculative_pass(engine: Any) -> None:
   partials: dict[str, list[np.float32]] = {}
   relevant: dict[str, np.ndarray] = {}
   kept: dict[str, tuple[Any, Any]] = {}
-  ahead = ReadAhead.of_leaves(engine.base, engine.experts, paths)
-  for i, path in enumerate(paths):
-    ahead.reached(i)
+  for path in paths:
     compiled, _ = engine._executable(path, "speculate" if keep_outputs else "totals")
     args = engine._args([path], engine._leaf_stats(path), [np.float32(0)] * n)
     out, report, leaf_partials, leaf_relevant = (
@@ -121,7 +115,6 @@ def speculative_pass(engine: Any) -> None:
     if size <= room:
       room -= size
       kept[path] = (out["x"], report)
-  ahead.close()
   signs = {j: _in_order(partials[p][j] for p in paths) for j in np.flatnonzero(sign)}
   wrong = np.array([j in signs and signs[j] < 0 for j in range(n)])
   redo = [p for p in paths if (relevant[p] & wrong).any()]
