@@ -55,7 +55,7 @@ def dropped_leaves(
   Returns:
     A function starting a pass that yields `(None, [flat float32 dropped τt per expert])` per
     piece of each leaf (`piece_sizes`): the drop program's outputs as they come, one call's
-    chunk each (copying them into larger arrays took 3x the drop itself: fresh pages).
+    chunk each (copying them into larger arrays took 3-5x the drop itself: fresh pages).
   """
   paths = list(paths)
   density = jnp.float32(density)

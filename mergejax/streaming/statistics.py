@@ -29,14 +29,12 @@ def sum_rounds(engine: Any, needs: list[set[int]]) -> None:
     if not ready:
       raise RuntimeError(f"{engine.rule.name}: whole-model sums depend on each other in a cycle.")
     values = [engine.totals.get(j, np.float32(0)) for j in range(engine.num_totals)]
-    acc = dict.fromkeys(ready, np.float32(0))
+    partials = []
     for path in sum_order(engine):
       compiled, _ = engine._executable(path, "totals")
       args = engine._args([path], engine._leaf_stats(path), values)
-      partials = [hosts.to_host(p) for p in compiled(*args)[0]]
-      for j in ready:
-        acc[j] = np.float32(acc[j] + np.float32(partials[j]))
-    engine.totals.update(acc)
+      partials.append([hosts.to_host(p) for p in compiled(*args)[0]])
+    engine.totals.update({j: _in_order(leaf[j] for leaf in partials) for j in ready})
     engine.timings.stats_passes += 1
 
 
@@ -111,8 +109,7 @@ def speculative_pass(engine: Any) -> None:
     )
     partials[path] = [np.float32(hosts.to_host(p)) for p in leaf_partials]
     relevant[path] = np.array([r is not None and bool(hosts.to_host(r)) for r in leaf_relevant])
-    size = int(np.size(out["x"])) * np.dtype(out["x"].dtype).itemsize if keep_outputs else room + 1
-    if size <= room:
+    if keep_outputs and (size := np.size(out["x"]) * np.dtype(out["x"].dtype).itemsize) <= room:
       room -= size
       kept[path] = (out["x"], report)
   signs = {j: _in_order(partials[p][j] for p in paths) for j in np.flatnonzero(sign)}
