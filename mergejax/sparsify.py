@@ -15,28 +15,28 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mergejax import row_ranks, selection
+from mergejax import selection
 from mergejax.leaf_random import (  # noqa: F401 (re-exported: the sparsifiers' randomness)
   _map_with_uniforms,
   leaf_key,
   leaf_key_data,
   uniform_from_key_data,
 )
+from mergejax.row_sparsify import (  # noqa: F401 (re-exported: the per-row sparsifiers)
+  BREADCRUMBS_COUNTINGS,
+  LAYOUTS,
+  ROW_SCOPES,
+  _row_axis,
+  breadcrumbs,
+  della_drop,
+)
 from mergejax.tree import Params, to_compute
 
 TRIM_SCOPES = ("model", "leaf")
-ROW_SCOPES = ("leaf", "row")
 RESCALES = ("inverse", "l1", "none")
-# How a 2-D weight is laid out: flax kernels are [in, out], torch (safetensors, Hugging Face, with
-# their torch names) weights [out, in]. "Per output neuron" rows run along the input axis.
-LAYOUTS = ("flax", "torch")
 # Counting rules of a trim (see `selection.count_for_fraction`): "round" (mergejax), "mergekit"
 # (mergekit's `magnitude`: max(1, int(d·n))).
 TRIM_COUNTINGS = ("round", "mergekit")
-# Breadcrumbs: "floor" (the reference's int() counts), "round" (mergejax before issue 10: at least
-# one kept), "mergekit" (`magnitude_outliers`: int() counts, fewer outliers dropped when
-# int(γn) + int(dn) > n, and density 1 returns the leaf untouched).
-BREADCRUMBS_COUNTINGS = ("floor", "round", "mergekit")
 
 
 def trim_top_fraction(
@@ -197,139 +197,6 @@ def random_drop(
       norm_in, norm_out = jnp.sum(jnp.abs(x)), jnp.sum(jnp.abs(kept))
       return kept * jnp.where(norm_out > 0, norm_in / jnp.where(norm_out > 0, norm_out, 1.0), 0.0)
     return kept
-
-  return _map_with_uniforms(vectors, key, drop)
-
-
-def _row_axis(ndim: int, layout: str, torch_axis: int) -> int | None:
-  """The axis a row runs along ("per output neuron"), or None for one row per leaf.
-
-  Leaves of rank < 2 are one row. A torch weight [out, in, ...] runs along `torch_axis` (the
-  reference code's axis); a flax kernel [..., in, out] along its input axis, ndim − 2 (axis 0 of
-  a 2-D kernel, where the torch weight's axis 1 lands).
-  """
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
-  if ndim < 2:
-    return None
-  return torch_axis % ndim if layout == "torch" else ndim - 2
-
-
-def _view_rows(x: jax.Array, scope: str, axis: int | None):
-  """`x` as rows [r, m] (one row for scope "leaf" or `axis` None), and the inverse view."""
-  if scope not in ROW_SCOPES:
-    raise ValueError(f"scope must be one of {ROW_SCOPES}, got {scope!r}.")
-  if scope == "leaf" or axis is None:
-    return x.reshape(1, -1), lambda rows: rows.reshape(x.shape)
-  moved = jnp.moveaxis(x, axis, -1)
-  restore = lambda rows: jnp.moveaxis(rows.reshape(moved.shape), -1, axis)  # noqa: E731
-  return moved.reshape(-1, moved.shape[-1]), restore
-
-
-def breadcrumbs(
-  vectors: Sequence[Params],
-  density: jax.Array | float,
-  gamma: jax.Array | float,
-  *,
-  scope: str = "row",
-  layout: str = "flax",
-  counting: str = "floor",
-) -> list[Params]:
-  """Model Breadcrumbs mask: drops the top-`gamma` outliers by |τ| and keeps the next
-  `density` fraction, per row (each output neuron's fan-in) or per leaf; zeroes the rest.
-
-  The reference code (rezazzr/breadcrumbs, `TaskVectorMiddleKeep`) works along the last axis of
-  each torch tensor: per row of a 2-D `[out, in]` weight (per output neuron), a 1-D leaf whole,
-  a 0-D leaf untouched; here the same for 0-, 1- and 2-D leaves in both layouts. Leaves of rank
-  ≥ 3 run along the torch tensor's last axis (the reference's) or, for a flax kernel, along its
-  input axis ndim − 2 (no reference counterpart).
-
-  Counts per row of m entries ("floor", the reference): n_top = int(γm) outliers dropped, then the
-  n_keep = int(dm) largest of the rest kept (int(dm) = 0 keeps nothing). "round": n_keep =
-  clip(round(dm), 1, m). "mergekit" (`magnitude_outliers`, usually with scope "leaf"): int()
-  counts, n_top lowered to m − n_keep when both do not fit, density 1 leaves the leaf untouched.
-
-  Args:
-    vectors: task vectors.
-    density: fraction kept (after the outliers), in (0, 1]; may be traced.
-    gamma: fraction of largest entries dropped as outliers, in [0, 1); may be traced.
-    scope: "row" (reference) or "leaf" (one ranking per leaf, as mergekit).
-    layout: "flax" ([in, out] kernels, `hf.load_pretrained`'s layout and flax models) or
-      "torch" ([out, in] weights as stored in safetensors / Hugging Face files with their torch
-      names). The caller knows it from where the tree comes from; `run.merge_from_disk` resolves
-      the CLI's "auto" from the checkpoint (see configs/merge.py).
-    counting: "floor", "round" or "mergekit" (above).
-
-  Returns:
-    The masked task vectors (no rescaling; Breadcrumbs scales the sum by α afterwards).
-  """
-  if counting not in BREADCRUMBS_COUNTINGS:
-    raise ValueError(f"counting must be one of {BREADCRUMBS_COUNTINGS}, got {counting!r}.")
-
-  def mask_rows(rows):
-    m = rows.shape[-1]
-    n_top = selection.count_for_fraction(m, gamma, "floor")
-    n_keep = selection.count_for_fraction(m, density, "round" if counting == "round" else "floor")
-    if counting == "mergekit":
-      n_top = jnp.minimum(n_top, m - n_keep)
-    upper, lower = row_ranks.kth_largest_magnitudes_per_row(
-      rows, [jnp.maximum(n_top, 1), jnp.clip(n_top + n_keep, 1, m)]
-    )
-    magnitude = jnp.abs(rows)
-    keep = (magnitude >= lower[:, None]) & ((n_top == 0) | (magnitude < upper[:, None]))
-    out = jnp.where(keep & (n_keep > 0), rows, 0.0)
-    if counting == "mergekit":
-      out = jnp.where(jnp.asarray(density) >= 1.0, rows, out)
-    return out
-
-  def mask_leaf(x):
-    if scope == "row" and x.ndim == 0:
-      return x  # The reference leaves scalars as they are.
-    rows, restore = _view_rows(x, scope, _row_axis(x.ndim, layout, -1))
-    return restore(mask_rows(rows))
-
-  return [jax.tree.map(mask_leaf, v) for v in vectors]
-
-
-def della_drop(
-  vectors: Sequence[Params],
-  key: jax.Array,
-  density: jax.Array | float,
-  epsilon: jax.Array | float,
-  *,
-  scope: str = "row",
-  layout: str = "flax",
-) -> list[Params]:
-  """DELLA MagPrune: drop with a keep probability that grows with magnitude rank, rescale by 1/p.
-
-  Within a row, the entry of rank r (0 = smallest |τ|, m − 1 = largest) is kept with probability
-  p_r = density − ε + 2ε · r / (m − 1), and survivors are divided by p_r. Rows are per output
-  neuron as in the reference (declare-lab/della ranks along dim 1 of the torch `[out, in]`
-  weight): the input axis of either layout; 0- and 1-D leaves are one row. The reference's
-  `window_size` is the whole width 2ε.
-
-  Args:
-    vectors: task vectors.
-    key: PRNG key; leaf keys come from `leaf_key`.
-    density: mean keep probability (1 − the reference's drop rate), in (0, 1]; may be traced.
-    epsilon: half-width of the probability range; density ± ε must stay in (0, 1].
-    scope: "row" (per output neuron, reference) or "leaf".
-    layout: "flax" or "torch" (see `breadcrumbs`).
-
-  Returns:
-    The sparsified, rescaled task vectors.
-  """
-
-  def drop(x, uniform):
-    axis = _row_axis(x.ndim, layout, 1)
-    rows, restore = _view_rows(x, scope, axis)
-    m = rows.shape[-1]
-    # Only the ranks see the rows' view, the rest runs in the leaf's own layout: XLA recomputed
-    # fused loops through transposes per consumer (a 384 x 1536 leaf, 8 experts: 0.17 -> 0.09 s).
-    rank = restore(row_ranks.ranks_per_row(rows))
-    spread = rank / max(m - 1, 1) * 2.0 - 1.0 if m > 1 else jnp.zeros_like(rank)
-    p = jnp.clip(density + epsilon * spread, 1e-6, 1.0)
-    return jnp.where(uniform < p, x / p, 0.0)
 
   return _map_with_uniforms(vectors, key, drop)
 

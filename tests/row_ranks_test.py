@@ -37,13 +37,47 @@ def test_split_programs_rank_on_the_device():
 @pytest.mark.parametrize("shape", [(9,), (6, 10), (2, 3, 8)])
 def test_host_kth_largest_equals_bisection(shape, monkeypatch):
   rng = np.random.default_rng(sum(shape))
-  x = (rng.integers(-4, 5, shape) / 4).astype(np.float32)  # Ties and zeros.
-  monkeypatch.setattr(row_ranks, "_RANK_BLOCK", 12)  # Several blocks of rows.
+  xs = [(rng.integers(-4, 5, shape) / 4).astype(np.float32) for _ in range(3)]  # Ties, zeros.
+  monkeypatch.setattr(row_ranks, "_KTH_BLOCK", 12)  # Several blocks of rows.
   m = shape[-1]
-  ranks = jax.jit(lambda a, k1, k2: row_ranks.kth_largest_magnitudes_per_row(a, [k1, k2]))
+  ranks = jax.jit(lambda xs, k1, k2: row_ranks.kth_largest_magnitudes_per_row(xs, [k1, k2]))
   for k1, k2 in [(1, m), (2, 3), (m, 1)]:  # ks traced: one compilation.
-    got = ranks(x, k1, k2)
-    for k, g in zip((k1, k2), got, strict=True):
-      np.testing.assert_array_equal(g, selection.kth_largest_magnitude_per_row(x, k))
-      np.testing.assert_array_equal(g, -np.sort(-np.abs(x), axis=-1)[..., k - 1])
+    got = ranks(xs, k1, k2)
+    assert got.shape == (3, 2, *shape[:-1]) and got.dtype == jnp.float32
+    for x, per_k in zip(xs, got, strict=True):
+      for k, g in zip((k1, k2), per_k, strict=True):
+        np.testing.assert_array_equal(g, selection.kth_largest_magnitude_per_row(x, k))
+        np.testing.assert_array_equal(g, -np.sort(-np.abs(x), axis=-1)[..., k - 1])
   assert ranks._cache_size() == 1
+
+
+@pytest.mark.parametrize("block", [4, 1 << 18])  # Blocks of rows; one block, a task per input.
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_host_kth_from_inputs_equals_xla_differences(block, dtype, monkeypatch):
+  """With an origin, the callback computes |x − origin| in float32 itself: the values XLA gets,
+  subnormal inputs and results flushed to zero as XLA on CPU does (NumPy inherits XLA's
+  floating-point mode in the callback and in the threads it starts)."""
+  rng = np.random.default_rng(7)
+  shape = (5, 3, 16)
+  origin = rng.standard_normal(shape).astype(dtype)
+  xs = [(origin.astype(np.float32) + rng.normal(0, 0.05, shape)).astype(dtype) for _ in range(3)]
+  if dtype == jnp.float32:  # Subnormal inputs and differences in a row of their own.
+    tiny = np.finfo(np.float32).tiny
+    origin[0, 0] = np.linspace(-3, 3, 16) * tiny
+    xs[0][0, 0] = origin[0, 0] + np.linspace(0.1, 0.9, 16) * tiny
+    xs[1][0, 0, :4] = tiny * 0.5
+  monkeypatch.setattr(row_ranks, "_KTH_BLOCK", block)
+
+  def on_xla(xs, origin, k):  # The device path, compiled by XLA for the CPU.
+    shift = origin.astype(jnp.float32)
+    return [selection.kth_largest_magnitude_per_row(x.astype(jnp.float32) - shift, k) for x in xs]
+
+  kth = jax.jit(lambda xs, o, k: row_ranks.kth_largest_magnitudes_per_row(xs, [k], origin=o))
+  for k in (1, 2, 9, 16):
+    got = kth(xs, origin, k)
+    want = jax.jit(on_xla, static_argnums=2)(xs, origin, k)
+    for i in range(3):
+      np.testing.assert_array_equal(got[i, 0], want[i])
+  if dtype == jnp.float32:  # Outside XLA, NumPy keeps subnormals: the flush is exercised.
+    outside = row_ranks._host_kth(np.array([1]), origin, *xs, with_origin=True)
+    assert kth(xs, origin, 1)[0, 0, 0, 0] != outside[0, 0, 0, 0]

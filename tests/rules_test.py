@@ -7,6 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from mergejax import rules, sparsify
+from mergejax import task_vectors as tv
 from mergejax.rules import spec
 
 
@@ -105,6 +106,31 @@ class HandWorkedTest(chex.TestCase):
       {"w": jnp.zeros((2, 4))}, [tau], density=0.5, gamma=0.25, scale=1.0, layout="torch"
     )
     chex.assert_trees_all_close(out, {"w": jnp.array([[0, 3.0, 2.0, 0], [0, 2.0, 0, 4.0]])})
+
+  def test_breadcrumbs_thresholds_from_the_inputs_give_the_same_masks(self):
+    """`rules.breadcrumbs` hands the row sorts the stored inputs (bf16 here), not float32 |τ|:
+    the same bits as masking the task vectors alone, for every scope, layout and leaf kind."""
+    rng = np.random.default_rng(3)
+    shapes = {"w": (6, 40), "b": (40,), "conv": (3, 4, 40), "s": (), "steps": (5,)}
+    base = {k: rng.standard_normal(v).astype(jnp.bfloat16) for k, v in shapes.items()}
+    base["steps"] = np.arange(5, dtype=np.int32)  # Not floating: falls back to the vectors.
+    experts = []
+    for _ in range(3):
+      e = {k: (np.asarray(v, np.float32) + rng.normal(0, 0.1, np.shape(v))).astype(v.dtype)
+           for k, v in base.items()}  # fmt: skip
+      e["w"][0, :8] = base["w"][0, :8]  # Ties at zero.
+      experts.append(e)
+    vectors = tv.task_vectors(base, experts)
+    for scope, layout, counting in [("row", "flax", "floor"), ("row", "torch", "round"),
+                                    ("leaf", "torch", "mergekit")]:  # fmt: skip
+      kw = dict(scope=scope, layout=layout, counting=counting)
+      fast = jax.jit(lambda v, b, e, kw=kw: sparsify.breadcrumbs(v, 0.3, 0.05, inputs=(b, e), **kw))
+      plain = jax.jit(lambda v, kw=kw: sparsify.breadcrumbs(v, 0.3, 0.05, **kw))
+      got, want = fast(vectors, base, experts), plain(vectors)
+      for g, w in zip(got, want, strict=True):
+        chex.assert_trees_all_equal(g, w)
+      assert any(np.any(np.asarray(g["w"]) == 0) for g in got)  # Something was dropped.
+      assert "callback" in fast.lower(vectors, base, experts).as_text()
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_consensus(self):

@@ -251,8 +251,9 @@ def breadcrumbs(
     Merged parameters.
   """
   vectors = sparsify.breadcrumbs(
-    tv.task_vectors(base, experts), density, gamma, scope=scope, layout=layout, counting=counting
-  )
+    tv.task_vectors(base, experts), density, gamma, scope=scope, layout=layout,
+    counting=counting, inputs=(base, experts),
+  )  # fmt: skip
   return tv.apply(base, _combine(vectors, combine, weights=weights), scale)
 
 
