@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mergejax import selection
+from mergejax import host_call, selection
 
 _RANK_BLOCK = 1 << 20  # Entries per host sort step (~20 bytes of scratch each).
 # Entries per step of the host k-th largest: 1 MB of float32 scratch, sorted while in cache (8
@@ -42,8 +42,7 @@ def ranks_per_row(x: jax.Array) -> jax.Array:
     return jnp.argsort(jnp.argsort(a, axis=-1), axis=-1).astype(jnp.float32)
 
   def on_host(a):
-    shape = jax.ShapeDtypeStruct(a.shape, jnp.float32)
-    return jax.pure_callback(_host_ranks, shape, a, vmap_method="sequential")
+    return host_call.host_call(_host_ranks, [jax.ShapeDtypeStruct(a.shape, jnp.float32)], a)[0]
 
   if not selection.on_host_allowed():
     return on_device(magnitude)
@@ -68,11 +67,10 @@ def _run(work, tasks) -> None:
       done.result()
 
 
-def _host_ranks(a) -> np.ndarray:
-  a = np.asarray(a, np.float32)
+def _host_ranks(outputs, a) -> None:
   m = a.shape[-1]
   rows = a.reshape(-1, m)
-  out = np.empty(rows.shape, np.float32)
+  out = _reshaped(outputs[0], rows.shape)
   index, positions = np.arange(m, dtype=np.uint64), np.arange(m, dtype=np.float32)[None]
 
   def work(start, stop):
@@ -85,7 +83,13 @@ def _host_ranks(a) -> np.ndarray:
     np.put_along_axis(out[start:stop], order, positions, axis=-1)
 
   _in_blocks(rows, work)
-  return out.reshape(a.shape)
+
+
+def _reshaped(buffer: np.ndarray, shape) -> np.ndarray:
+  """A view of an output `buffer` in another shape (raises rather than fill a copy)."""
+  view = buffer.view()
+  view.shape = shape
+  return view
 
 
 def kth_largest_magnitudes_per_row(
@@ -119,21 +123,19 @@ def kth_largest_magnitudes_per_row(
     return jnp.stack([jnp.stack([kth(a, k) for k in ks]) for a in magnitudes])
 
   def on_host(ks, *operands):
-    host = functools.partial(_host_kth, with_origin=origin is not None)
-    return jax.pure_callback(host, shape, ks, *operands, vmap_method="sequential")
+    fill = functools.partial(_host_kth, with_origin=origin is not None)
+    return host_call.host_call(fill, [shape], ks, *operands)[0]
 
   if not selection.on_host_allowed():
     return on_device(ks, *operands)
   return lax.platform_dependent(ks, *operands, cpu=on_host, default=on_device)
 
 
-def _host_kth(ks, *operands, with_origin: bool) -> np.ndarray:
-  ks = np.asarray(ks)
-  operands = [np.asarray(a) for a in operands]
+def _host_kth(outputs, ks, *operands, with_origin: bool) -> None:
   m = operands[0].shape[-1]
   rows = [a.reshape(-1, m) for a in operands]
   origin, xs = (rows[0], rows[1:]) if with_origin else (None, rows)
-  out = np.empty((len(xs), ks.size, xs[0].shape[0]), np.float32)
+  out = _reshaped(outputs[0], (len(xs), ks.size, xs[0].shape[0]))
 
   # XLA on CPU flushes subnormal inputs and results to zero, and so does NumPy here: the callback
   # runs on XLA's thread, whose floating-point mode the pool's threads inherit (tested).
@@ -154,4 +156,3 @@ def _host_kth(ks, *operands, with_origin: bool) -> np.ndarray:
   else:
     tasks = [(s, min(s + step, n), range(len(xs))) for s in range(0, n, step)]
   _run(work, tasks)
-  return out.reshape(len(xs), ks.size, *operands[0].shape[:-1])

@@ -2,11 +2,11 @@
 
 Magnitude top-k is the heart of TIES, Breadcrumbs and friends. Three exact implementations:
 
-* "host": a `jax.pure_callback` to NumPy. A strided sample brackets the k-th magnitude, one pass
-  per leaf keeps the ~k candidates, introselect (`np.partition`) finishes them; a failed bracket
-  falls back to a partition of everything. Issue 2 measured XLA's sort/top_k on CPU 30-50x slower
-  than NumPy's partition at 22M entries. Inside jit the callback gets copies of its operands
-  (about 1 s for 8 ViT-sized experts), hence:
+* "host": a callback to NumPy (`host_call`). A strided sample brackets the k-th magnitude, one
+  pass per leaf keeps the ~k candidates, introselect (`np.partition`) finishes them; a failed
+  bracket falls back to a partition of everything. Issue 2 measured XLA's sort/top_k on CPU
+  30-50x slower than NumPy's partition at 22M entries. With a jax that lacks `buffer_callback`
+  the callback gets copies of its operands (about 1 s for 8 ViT-sized experts), hence also:
 * `top_k_stats_eager`: the same NumPy code on concrete arrays outside jit, reading the buffers in
   place; `rules.merge` uses it on CPU.
 * "bisect": a bisection on the float32 bit pattern. For x >= 0 the int32 view of a float32 is
@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from mergejax import host_call
 
 _INF_BITS = 0x7F800000  # Bit pattern of +inf; NaN is excluded by validation.
 _STATE = threading.local()
@@ -122,9 +124,10 @@ def top_k_stats_eager(
 ) -> TopKStats:
   """`top_k_stats` for concrete CPU arrays, outside jit: NumPy reads the buffers in place.
 
-  Inside jit, `jax.pure_callback` hands the callback copies of its operands: for 8 experts of
-  22M entries that costs ~1 s on CPU, more than the selection itself. Callers holding concrete
-  arrays (the `rules.merge` front door) compute the statistics here and pass them in.
+  Inside jit, where jax lacks `buffer_callback`, `host_call` hands the callback copies of its
+  operands: for 8 experts of 22M entries that costs ~1 s on CPU, more than the selection itself.
+  Callers holding concrete arrays (the `rules.merge` front door) compute the statistics here and
+  pass them in.
 
   Args:
     groups: G lists of concrete arrays.
@@ -243,23 +246,18 @@ def _stats_host(groups, origins, ks) -> TopKStats:
           unique.append(x)
         origin_index.append(seen[id(x)])
 
-  def compute(ks, *arrays):
-    # Callbacks receive jax Arrays; np.asarray views the CPU buffers without a copy, and keeps
-    # every operation below in NumPy rather than dispatching jax ops.
-    arrays = [np.asarray(a) for a in arrays]
-    ks = np.asarray(ks)
+  def compute(outputs, ks, *arrays):
     xs, os_ = arrays[: len(flat)], arrays[len(flat) :]
-    results, start = [], 0
+    start = 0
     for g, size in enumerate(sizes):
       o = None if origins is None else [os_[j] for j in origin_index[start : start + size]]
-      results.append(_host_group_stats(xs[start : start + size], o, ks[g]))
+      stats = _host_group_stats(xs[start : start + size], o, ks[g])
+      for out, value in zip(outputs, stats, strict=True):
+        out[g] = value
       start += size
-    return tuple(np.asarray([r[i] for r in results], np.float32) for i in range(3))
 
   shape = jax.ShapeDtypeStruct((len(groups),), jnp.float32)
-  out = jax.pure_callback(
-    compute, (shape, shape, shape), ks, *flat, *unique, vmap_method="sequential"
-  )
+  out = host_call.host_call(compute, [shape] * 3, ks, *flat, *unique)
   return TopKStats(*out)
 
 

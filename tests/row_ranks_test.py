@@ -79,5 +79,6 @@ def test_host_kth_from_inputs_equals_xla_differences(block, dtype, monkeypatch):
     for i in range(3):
       np.testing.assert_array_equal(got[i, 0], want[i])
   if dtype == jnp.float32:  # Outside XLA, NumPy keeps subnormals: the flush is exercised.
-    outside = row_ranks._host_kth(np.array([1]), origin, *xs, with_origin=True)
+    outside = np.empty((3, 1, 5, 3), np.float32)
+    row_ranks._host_kth([outside], np.array([1]), origin, *xs, with_origin=True)
     assert kth(xs, origin, 1)[0, 0, 0, 0] != outside[0, 0, 0, 0]

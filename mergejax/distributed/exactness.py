@@ -37,6 +37,7 @@ ORDER_DEPENDENT = frozenset(
     "cumlogsumexp",
     "reduce_precision",
     "pure_callback",
+    "buffer_callback",
     "svd",
     "eigh",
     "eig",
