@@ -22,6 +22,7 @@ import numpy as np
 
 from mergejax import combine, leafwise, selection, sparsify, streaming_topk
 from mergejax import task_vectors as tv
+from mergejax.io import advice
 from mergejax.selection import TopKStats
 from mergejax.tree import path_str
 
@@ -62,7 +63,7 @@ def dropped_leaves(
 
   def run():
     data = None
-    for path_index, (base, experts) in enumerate(leaves()):
+    for path_index, (base, experts) in enumerate(advice.sampled(leaves())):
       if data is None:
         data = np.asarray(sparsify.leaf_key_data(key, len(experts), paths))
       if rescale == "l1":  # Norms per leaf: the leaf whole, in its shape (the same sums).
@@ -112,7 +113,7 @@ def dropped_sample(
 
   def sample(starts, lengths):
     pieces, padded, data = iter(zip(starts, lengths, strict=True)), max(lengths), None
-    for path_index, (base, experts) in enumerate(leaves()):
+    for path_index, (base, experts) in enumerate(advice.sampled(leaves())):
       if data is None:
         data = np.asarray(sparsify.leaf_key_data(key, len(experts), paths))
       b = np.asarray(base).reshape(-1)
