@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import selection
-from mergejax.io import advice
 from mergejax.selection import TopKStats
 
 # Host selection's memory: per kept entry, the candidates (listed, then concatenated), their
@@ -262,7 +261,6 @@ def _sliced_blocks(
 ) -> Iterator[list[np.ndarray]]:
   """The default `SampleBlocks`: the blocks sliced from `leaves` (their task vectors when a base
   leaf is given)."""
-  leaves = advice.sampled(leaves)  # Memory-mapped leaves: read the blocks alone.
   for (base, experts), leaf_starts, length in zip(leaves, starts, lengths, strict=True):
     index = (leaf_starts[:, None] + np.arange(length)).reshape(-1)
     b = None if base is None else np.asarray(base).reshape(-1)[index]

@@ -22,7 +22,6 @@ import numpy as np
 
 from mergejax import combine, leafwise, selection, sparsify, streaming_topk
 from mergejax import task_vectors as tv
-from mergejax.io import advice
 from mergejax.selection import TopKStats
 from mergejax.tree import path_str
 
@@ -63,7 +62,7 @@ def dropped_leaves(
 
   def run():
     data = None
-    for path_index, (base, experts) in enumerate(advice.sampled(leaves())):
+    for path_index, (base, experts) in enumerate(leaves()):
       if data is None:
         data = np.asarray(sparsify.leaf_key_data(key, len(experts), paths))
       if rescale == "l1":  # Norms per leaf: the leaf whole, in its shape (the same sums).
@@ -113,7 +112,7 @@ def dropped_sample(
 
   def sample(starts, lengths):
     pieces, padded, data = iter(zip(starts, lengths, strict=True)), max(lengths), None
-    for path_index, (base, experts) in enumerate(advice.sampled(leaves())):
+    for path_index, (base, experts) in enumerate(leaves()):
       if data is None:
         data = np.asarray(sparsify.leaf_key_data(key, len(experts), paths))
       b = np.asarray(base).reshape(-1)
