@@ -265,36 +265,6 @@ def test_debris_of_killed_runs_and_old_versions_is_removed(tmp_path):
   assert sorted(p.name for p in workdir.iterdir()) == ["merged", "run.json"]
 
 
-def test_files_of_a_stage_are_flushed_at_its_commit_not_one_by_one(tmp_path, monkeypatch):
-  """Inside `atomic_dir` a file's fsync waits for the stage's commit (its write-back starts when
-  it is complete): every file written inside, nested stages' included, is flushed before the
-  stage is renamed in; a file written outside any stage is flushed at once."""
-  events = []  # ("fsync", inode) and ("rename", destination), in order.
-  real_fsync, real_replace = os.fsync, os.replace
-  monkeypatch.setattr(
-    atomic.os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))
-  )
-  monkeypatch.setattr(
-    atomic.os, "replace", lambda a, b: (events.append(("rename", b)), real_replace(a, b))[1]
-  )
-  with atomic.atomic_dir(tmp_path / "out") as stage:
-    stage.mkdir()
-    for name in ("a", "b"):
-      atomic.write_text(stage / name, name)
-    with atomic.atomic_dir(stage / "inner") as inner:
-      inner.mkdir()
-      atomic.write_text(inner / "c", "c")
-    written = {os.stat(p).st_ino for p in (stage / "a", stage / "b", stage / "inner" / "c")}
-    assert not written & {e[1] for e in events if e[0] == "fsync"}  # Nothing flushed yet.
-    before_commit = len(events)
-  commit = events.index(("rename", tmp_path / "out"))
-  assert written <= {e[1] for e in events[before_commit:commit] if e[0] == "fsync"}
-  assert atomic._STAGES == {}
-  atomic.write_text(tmp_path / "alone", "x")
-  assert ("fsync", os.stat(tmp_path / "alone").st_ino) in events[commit:]
-  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a", "b", "inner"]
-
-
 def test_a_workdir_holding_other_files_is_refused(tmp_path):
   base, experts = _hf_models(tmp_path)
   workdir = tmp_path / "w"

@@ -6,10 +6,6 @@ good one stood. The prefix is recognizable and hidden: no pattern that finds che
 (`*.safetensors`, `model-*-of-*.safetensors`, an orbax directory) matches it, and
 `remove_debris` deletes what a killed process left.
 
-Files written inside a directory being staged (`atomic_dir`) are flushed together when the stage
-is committed, and start their write-back as each is complete, so the disk writes one output
-while the next is computed.
-
 A directory is replaced by two renames (the old one aside, the new one in). A process killed
 between them leaves the old directory as `.mergejax-tmp-<name>-old-<random>` and no `<name>`;
 `recover` (called by `remove_debris` and `atomic_dir`) renames it back.
@@ -18,12 +14,10 @@ between them leaves the old directory as `.mergejax-tmp-<name>-old-<random>` and
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pathlib
 import re
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -54,43 +48,9 @@ def fsync(path: str | os.PathLike) -> None:
     os.close(fd)
 
 
-# Open `atomic_dir` stages: path -> descriptors of the files and directories written inside it,
-# flushed when the stage is committed. A file of a stage only starts its write-back when complete:
-# the disk writes it while the next output is computed (8 task models of 87 MB: the merge waited
-# on each file's fsync in turn), and the stage's rename waits for all of them.
-_STAGES: dict[pathlib.Path, dict[pathlib.Path, int]] = {}
-_LOCK = threading.Lock()
-try:
-  _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-  _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-except (AttributeError, OSError):  # Not Linux: the commit's fsync does all the work.
-  _sync_file_range = None
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _deferred(path: pathlib.Path) -> dict[pathlib.Path, int] | None:
-  """The descriptors (by path when written) of the open stage `path` is written in, or None."""
-  path = path.absolute()
-  with _LOCK:
-    return next((fds for stage, fds in _STAGES.items() if stage in path.parents), None)
-
-
-def _keep_open(fds: dict[pathlib.Path, int], path: pathlib.Path) -> None:
-  if path in fds:  # A directory holding several files.
-    return
-  fd = os.open(path, os.O_RDONLY)
-  with _LOCK:
-    fds[path] = fd
-  if _sync_file_range is not None and not path.is_dir():
-    _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # Start the write-back; do not wait.
-
-
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """Yields a temporary path to write; on success it replaces `path`, on error it is removed.
-
-  Inside an open `atomic_dir` stage the file's fsync is left to the stage's commit (its
-  write-back starts now), so writing the next file need not wait for the disk.
 
   Args:
     path: destination file; its directory is created.
@@ -103,16 +63,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   tmp = tmp_sibling(path)
   try:
     yield tmp
-    fds = _deferred(path)
-    if fds is None:
-      fsync(tmp)
-    else:
-      _keep_open(fds, tmp)  # The descriptor follows the file through the renames.
+    fsync(tmp)
     os.replace(tmp, path)
-    if fds is None:
-      fsync(path.parent)
-    else:
-      _keep_open(fds, path.parent)
+    fsync(path.parent)
   finally:
     tmp.unlink(missing_ok=True)
 
@@ -134,27 +87,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   path.parent.mkdir(parents=True, exist_ok=True)
   recover(path)
   tmp, old = tmp_sibling(path), tmp_sibling(path, "old")
-  outermost = _deferred(tmp) is None  # A stage inside another one is flushed by the outer one.
-  if outermost:
-    with _LOCK:
-      _STAGES[tmp] = {}
   try:
     yield tmp
-    if outermost:
-      for fd in _STAGES[tmp].values():
-        os.fsync(fd)  # Every file and directory entry written inside, before the commit.
-      if tmp.is_dir():
-        fsync(tmp)
     if path.exists():
       os.replace(path, old)
     os.replace(tmp, path)
     fsync(path.parent)
   finally:
-    if outermost:
-      with _LOCK:
-        fds = _STAGES.pop(tmp)
-      for fd in fds.values():
-        os.close(fd)
     for leftover in (tmp, old):
       _remove(leftover)
 
