@@ -101,7 +101,8 @@ def kth_largest_magnitudes_per_row(
   float32(origin). On CPU (unless the program is split over devices) one callback sorts every
   input's rows with NumPy, computing the magnitudes beside each sort in cache-sized blocks: handed
   bf16 checkpoints' leaves rather than float32 |τ|, it moves half the bytes and XLA materializes
-  nothing (Breadcrumbs, a 512 x 8192 leaf x 8 experts: 0.89 -> 0.49 s).
+  nothing (Breadcrumbs, a 512 x 8192 leaf x 8 experts: 0.89 -> 0.55 s; 0.43 s reading XLA's
+  buffers in place through `host_call`).
 
   Args:
     xs: arrays [..., m] of one shape, NaN-free (e.g. the experts' leaves, or task vectors).
