@@ -115,6 +115,7 @@ def test_top_k_of_mostly_zero_vectors(k, how, monkeypatch):
     got = selection.top_k_stats_eager(experts, [k, k])
   else:
     monkeypatch.setattr(streaming_topk, "_CANDIDATE_BYTES", 10**9)  # Never the host selection.
+    monkeypatch.setattr(streaming_topk, "_CHUNK", 128)  # Leaves in several steps, one partial.
     leaves = lambda: iter([(None, [e[i] for e in experts]) for i in range(2)])  # noqa: E731
     budget = None if how == "two passes" else 10**6
     got = streaming_topk.model_top_k_stats(leaves, [600, 100], k, memory_budget=budget)
