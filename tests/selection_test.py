@@ -109,3 +109,21 @@ class TopKStatsTest(parameterized.TestCase):
     th, kept_sum, _ = selection._host_group_stats([x], None, x.size // 2)
     self.assertEqual(th, 1.0)
     self.assertEqual(kept_sum, x.sum())
+
+  def test_host_groups_in_threads_flush_subnormals_as_xla_does(self):
+    # Inside jit the groups run in threads that the callback starts: they must inherit XLA's
+    # floating-point mode (subnormals flushed to zero), as the callback's own thread does.
+    rng = np.random.default_rng(4)
+    groups = [[(rng.standard_normal(1000) * 1e-39).astype(np.float32)] for _ in range(3)]
+    origins = [[np.zeros(1000, np.float32)]] * 3
+    ks = jnp.asarray([10, 10, 10])
+    stats = {
+      m: jax.jit(lambda g, o, k, m=m: selection.top_k_stats(g, k, origins=o, method=m))(
+        groups, origins, ks
+      )
+      for m in ("host", "bisect")
+    }
+    np.testing.assert_array_equal(stats["host"].threshold, stats["bisect"].threshold)
+    np.testing.assert_array_equal(stats["host"].threshold, [0.0, 0.0, 0.0])
+    # NumPy outside XLA keeps the subnormals: the flush is exercised.
+    self.assertGreater(selection._host_group_stats(groups[0], origins[0], 10)[0], 0.0)
