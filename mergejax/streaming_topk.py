@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mergejax import selection
+from mergejax.io import readahead
 from mergejax.selection import TopKStats
 
 # Host selection's memory: per kept entry, the candidates (listed, then concatenated), their
@@ -84,6 +85,7 @@ def model_top_k_stats(
       pending = []
       # The next leaf comes (computed, for computed leaves) while the pool adds this one.
       for base, experts in leaves():
+        readahead.will_need(base, *experts)  # Read while the pool adds the leaf before.
         topk = topk or StreamingTopK([k] * len(experts))
         for future in pending:  # Each expert adds its leaves in order (the same sums).
           future.result()
@@ -266,6 +268,7 @@ def _sliced_blocks(
   leaf is given)."""
   for (base, experts), leaf_starts, length in zip(leaves, starts, lengths, strict=True):
     index = (leaf_starts[:, None] + np.arange(length)).reshape(-1)
-    b = None if base is None else np.asarray(base).reshape(-1)[index]
-    xs = [np.asarray(x).reshape(-1)[index] for x in experts]
+    with readahead.sampling(base, *experts):
+      b = None if base is None else np.asarray(base).reshape(-1)[index]
+      xs = [np.asarray(x).reshape(-1)[index] for x in experts]
     yield [x.astype(np.float32) if b is None else np.subtract(x, b, dtype=np.float32) for x in xs]

@@ -22,6 +22,7 @@ import numpy as np
 
 from mergejax import combine, leafwise, selection, sparsify, streaming_topk
 from mergejax import task_vectors as tv
+from mergejax.io import readahead
 from mergejax.selection import TopKStats
 from mergejax.tree import path_str
 
@@ -120,10 +121,11 @@ def dropped_sample(
       chunk = _chunk(b.size)
       for first in range(0, b.size, chunk):
         piece_starts, length = next(pieces)
-        blocks = [
-          _drop_at(b, xs, first + s, length, padded, data[:, path_index], density, rescale)
-          for s in piece_starts
-        ]
+        with readahead.sampling(b, *xs):
+          blocks = [
+            _drop_at(b, xs, first + s, length, padded, data[:, path_index], density, rescale)
+            for s in piece_starts
+          ]
         yield [np.concatenate(per_expert) for per_expert in zip(*blocks, strict=True)]
 
   return sample
