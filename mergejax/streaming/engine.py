@@ -14,12 +14,12 @@ import numpy as np
 
 from mergejax import lapack_threads, leafwise
 from mergejax import tree as tree_lib
-from mergejax.distributed import hosts, spmd
+from mergejax.distributed import hosts
 from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
 from mergejax.rules.task_specific import TaskSpecificMerge
-from mergejax.streaming import blocks, statistics
+from mergejax.streaming import blocks, compiling, statistics
 from mergejax.streaming.programs import (
   _EXECUTABLES,
   LazyLeaf,
@@ -28,7 +28,6 @@ from mergejax.streaming.programs import (
   _copied_bytes,
   _dependencies,
   _program,
-  _signature,
   _size,
   check_outputs,
   default_budget_bytes,
@@ -195,21 +194,10 @@ class StreamingMerge:
 
   # ------------------------------------------------------------------------------ planning
   def _executable(self, path: str, mode: str, rows=None):
-    fn, with_stats = self._fn()
-    args = self._args([path], self._leaf_stats(path), [0.0] * self.num_totals, rows)
-    static = tuple(sorted(self.static.items()))
-    signature = _signature(args)
-    key = (fn, static, with_stats, self.check, mode, str(self.out_dtype), signature)
-    key += (self.layout,)
+    args, key = compiling.program_key(self, path, mode, rows)
     if key not in _EXECUTABLES:
       start = time.perf_counter()
-      program = _program(fn, self.static, with_stats, self.check, mode, self.out_dtype)
-      if self.layout is None:
-        _EXECUTABLES[key] = jax.jit(program).lower(*_abstract(args)).compile()
-      else:  # Split over the mesh; compiled for these shapes (mode chosen per program).
-        sharded = spmd.shard_program(program, self.layout, _abstract(args))
-        sharded.compile(*_abstract(args))
-        _EXECUTABLES[key] = sharded
+      _EXECUTABLES[key] = compiling.compile_program(self, mode, args)
       self.timings.executables += 1
       self.timings.compile_s += time.perf_counter() - start
     executable = _EXECUTABLES[key]
@@ -236,6 +224,9 @@ class StreamingMerge:
     self.order = [p for p in order if p in self.index]
     self.working_set: dict[str, int] = {}
     self.row_blocks: dict[str, int] = {}  # Leaves merged in blocks of rows: rows per block.
+    # The whole-model sums' own programs, unless the speculative pass merges as it sums.
+    totals = ["totals"] if self.num_totals and self.apply_mode != "speculate" else []
+    compiling.compile_ahead(self, [self.apply_mode, *totals])
     for path in self.merged_paths:
       ws = self.leaf_working_set(path)
       # Above the budget, or with large temporaries where the rule allows: in blocks of rows.

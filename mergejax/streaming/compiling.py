@@ -1,0 +1,75 @@
+"""The streaming engine's executables: one per distinct program (rule, options, leaf shapes and
+dtypes, mode), compiled once and shared by every leaf and every merge of the process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from mergejax.distributed import spmd
+from mergejax.streaming.programs import _EXECUTABLES, _abstract, _program, _signature
+
+_THREADS = len(os.sched_getaffinity(0))
+
+
+def program_key(engine: Any, path: str, mode: str, rows=None) -> tuple[Any, tuple]:
+  """The arguments of `path`'s program (a block of `rows` of it, if given) and its key in
+  `_EXECUTABLES`.
+
+  Args:
+    engine: a `StreamingMerge`.
+    path: a merged leaf.
+    mode: one of `programs.MODES`.
+    rows: None, or (first row, rows) of a block.
+
+  Returns:
+    `(args, key)`.
+  """
+  fn, with_stats = engine._fn()
+  args = engine._args([path], engine._leaf_stats(path), [0.0] * engine.num_totals, rows)
+  static = tuple(sorted(engine.static.items()))
+  key = (fn, static, with_stats, engine.check, mode, str(engine.out_dtype), _signature(args))
+  return args, key + (engine.layout,)
+
+
+def compile_program(engine: Any, mode: str, args) -> Any:
+  """The engine's program in `mode`, compiled for the shapes and dtypes of `args`."""
+  fn, with_stats = engine._fn()
+  program = _program(fn, engine.static, with_stats, engine.check, mode, engine.out_dtype)
+  if engine.layout is None:
+    return jax.jit(program).lower(*_abstract(args)).compile()
+  # Split over the mesh; compiled for these shapes (mode chosen per program).
+  sharded = spmd.shard_program(program, engine.layout, _abstract(args))
+  sharded.compile(*_abstract(args))
+  return sharded
+
+
+def compile_ahead(engine: Any, modes: Sequence[str]) -> None:
+  """Compiles the programs in `modes` of every merged leaf not compiled yet, in parallel threads.
+
+  XLA compiles without holding the GIL, and a one-shot merge of a model with a few distinct leaf
+  shapes spends much of its time compiling (22M x 8 fp32, 10 programs, CLI: DARE's compile
+  1.39 -> 1.04 s on 2 cores). A mesh's programs trace under `selection.across_devices`, a
+  thread-local state: they compile one by one, as the engine asks for them.
+  """
+  if engine.layout is not None:
+    return
+  pending = {}
+  for mode in modes:
+    for path in engine.merged_paths:
+      args, key = program_key(engine, path, mode)
+      if key not in _EXECUTABLES:
+        pending.setdefault(key, (mode, args))
+  if len(pending) < 2:
+    return
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(min(len(pending), _THREADS)) as pool:
+    compiled = list(pool.map(lambda job: compile_program(engine, *job), pending.values()))
+  _EXECUTABLES.update(zip(pending, compiled, strict=True))
+  engine.timings.executables += len(pending)
+  engine.timings.compile_s += time.perf_counter() - start
