@@ -5,7 +5,8 @@ leaf's pages before the pass reaches them: one bf16 pair (2 GB, cold), subtracte
 steps, took 2.88 s faulting its way through and 1.96 s with its pages asked for 64 MB ahead.
 `sampling` does the opposite for scattered reads: each fault then reads its own page, not the
 device's read-ahead around it (8 MB here), so a sample of blocks costs about its size.
-Full size (1.2B x 9 bf16, cold): TIES's statistics pass 79.6 -> 53.0 s with both.
+Full size (1.2B x 9 bf16, cold, alternating runs): TIES's statistics pass took 70.3 and 73.5 s
+without either, 55.5 and 58.9 s with both.
 """
 
 from __future__ import annotations
