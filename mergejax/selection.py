@@ -40,7 +40,8 @@ from mergejax import host_call
 
 _INF_BITS = 0x7F800000  # Bit pattern of +inf; NaN is excluded by validation.
 _STATE = threading.local()
-_THREADS = len(os.sched_getaffinity(0))
+# Groups selected at once on the host: each holds its own candidates (~20 bytes per kept entry).
+_THREADS = min(len(os.sched_getaffinity(0)), 4)
 
 
 @contextlib.contextmanager
@@ -146,6 +147,11 @@ def top_k_stats_eager(
   return TopKStats(*(jnp.asarray([r[i] for r in results], jnp.float32) for i in range(3)))
 
 
+def host_threads(num_groups: int) -> int:
+  """How many groups `top_k_stats_eager` selects at once (its memory scales with it)."""
+  return max(1, min(num_groups, _THREADS))
+
+
 def _host_groups_stats(groups, origins, ks) -> list[tuple]:
   """`_host_group_stats` of every group, the groups in parallel threads (NumPy releases the GIL).
 
@@ -154,7 +160,7 @@ def _host_groups_stats(groups, origins, ks) -> list[tuple]:
   args = [(g, None if origins is None else origins[i], int(ks[i])) for i, g in enumerate(groups)]
   if len(groups) == 1:
     return [_host_group_stats(*args[0])]
-  with concurrent.futures.ThreadPoolExecutor(min(len(groups), _THREADS)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(host_threads(len(groups))) as pool:
     return list(pool.map(lambda a: _host_group_stats(*a), args))
 
 

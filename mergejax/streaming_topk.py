@@ -39,8 +39,9 @@ def model_top_k_stats(
 ) -> TopKStats:
   """`TopKStats` of each expert's task vector over all leaves, the top `k` entries of each.
 
-  When the selection of about k candidates per expert fits in half of `memory_budget` (with the
-  leaves themselves where they are copies, not views of memory-mapped or CPU arrays), this is
+  When the selection of about k candidates per expert, for as many experts as it selects at once
+  (`selection.host_threads`), fits in half of `memory_budget` (with the leaves themselves where
+  they are copies, not views of memory-mapped or CPU arrays), this is
   `selection.top_k_stats_eager` on the views, the selection `rules.merge` runs on CPU (a strided
   sample, then one pass keeping ~k candidates for introselect). Otherwise `StreamingTopK`: one
   pass over `leaves()` collecting a band around each k-th largest magnitude that a sample of ~1M
@@ -74,11 +75,15 @@ def model_top_k_stats(
         views = None
         break
       views.append((base, experts))
-  need = _CANDIDATE_BYTES * k + _SCRATCH_BYTES * max(sizes)
-  if views is not None and need + copies <= memory_budget // 2:
-    groups = [[xs[t] for _, xs in views] for t in range(len(views[0][1]))]
-    origins = None if views[0][0] is None else [[b for b, _ in views]] * len(groups)
-    return selection.top_k_stats_eager(groups, [k] * len(groups), origins=origins)
+  if views is not None:
+    num_experts = len(views[0][1])
+    # The experts' selections run in parallel threads, each with its own candidates and scratch.
+    parallel = selection.host_threads(num_experts)
+    need = (_CANDIDATE_BYTES * k + _SCRATCH_BYTES * max(sizes)) * parallel
+    if need + copies <= memory_budget // 2:
+      groups = [[xs[t] for _, xs in views] for t in range(num_experts)]
+      origins = None if views[0][0] is None else [[b for b, _ in views]] * num_experts
+      return selection.top_k_stats_eager(groups, [k] * num_experts, origins=origins)
   with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
 
     def run_pass(topk: StreamingTopK | None, collect: bool) -> StreamingTopK:

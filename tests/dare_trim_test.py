@@ -203,3 +203,27 @@ def test_a_band_of_zeros_alone(k):
     assert got is None
   else:
     np.testing.assert_array_equal([np.asarray(s)[0] for s in got], _sorted_reference([x], k))
+
+
+def test_in_memory_selection_budgets_for_the_experts_selected_at_once(monkeypatch):
+  from mergejax import selection, streaming_topk
+
+  rng = np.random.default_rng(0)
+  base = rng.standard_normal(1000).astype(np.float32)
+  experts = [base + rng.standard_normal(1000).astype(np.float32) for _ in range(4)]
+  k, copies = 100, 5 * base.nbytes  # The leaves are copies: they count against the budget.
+  one = streaming_topk._CANDIDATE_BYTES * k + streaming_topk._SCRATCH_BYTES * base.size
+  eager, real = [], selection.top_k_stats_eager
+  monkeypatch.setattr(
+    selection, "top_k_stats_eager", lambda *a, **kw: eager.append(1) or real(*a, **kw)
+  )
+  got = {}
+  for threads in (1, 2):  # One expert's selection fits the budget's half; two at once do not.
+    monkeypatch.setattr(selection, "_THREADS", threads)
+    eager.clear()
+    got[threads] = streaming_topk.model_top_k_stats(
+      lambda: iter([(base, experts)]), [base.size], k, memory_budget=2 * (one + copies)
+    )
+    assert eager == ([1] if threads == 1 else [])
+  for a, b in zip(got[1], got[2], strict=True):
+    np.testing.assert_array_equal(a, b)
