@@ -17,6 +17,7 @@ import numpy as np
 
 from mergejax import leafwise, sparsify
 from mergejax.distributed import hosts
+from mergejax.streaming import compiling
 from mergejax.streaming.programs import check_outputs
 
 # A leaf whose program holds temporaries above this is merged in blocks of rows of at most this
@@ -30,7 +31,7 @@ SPLIT_ABOVE = 256 << 20
 def large_temporaries(engine: Any, path: str) -> bool:
   """Whether the leaf's program holds more than SPLIT_ABOVE of XLA temporaries."""
   compiled, _ = engine._executable(path, engine.apply_mode)
-  mem = getattr(compiled, "compiled", compiled).memory_analysis()
+  mem = compiling.memory_analysis(compiled)
   return mem is not None and mem.temp_size_in_bytes > SPLIT_ABOVE
 
 

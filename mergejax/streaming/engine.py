@@ -273,7 +273,7 @@ class StreamingMerge:
     the inputs XLA copies in."""
     mode = self.apply_mode if rows is None else "apply"
     compiled, args = self._executable(path, mode, rows)
-    mem = getattr(compiled, "compiled", compiled).memory_analysis()
+    mem = compiling.memory_analysis(compiled)
     if mem is None:  # No accounting: three float32 copies of every input.
       return 4 * 3 * (len(self.experts) + 1) * int(np.size(args[0]["x"]))
     return int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
