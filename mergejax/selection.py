@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -158,8 +159,6 @@ def _host_groups_stats(groups, origins, ks) -> list[tuple]:
   The pool is made here, not at import: threads started inside a host callback inherit XLA's
   floating-point mode (subnormals flushed), which a module-level pool's threads would not."""
   args = [(g, None if origins is None else origins[i], int(ks[i])) for i, g in enumerate(groups)]
-  if len(groups) == 1:
-    return [_host_group_stats(*args[0])]
   with concurrent.futures.ThreadPoolExecutor(host_threads(len(groups))) as pool:
     return list(pool.map(lambda a: _host_group_stats(*a), args))
 
@@ -273,14 +272,9 @@ def _stats_host(groups, origins, ks) -> TopKStats:
 
   def compute(outputs, ks, *arrays):
     xs, os_ = arrays[: len(flat)], arrays[len(flat) :]
-    starts = np.cumsum([0, *sizes])
-    groups_ = [xs[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
-    o = None
-    if origins is not None:
-      o = [
-        [os_[j] for j in origin_index[a:b]] for a, b in zip(starts[:-1], starts[1:], strict=True)
-      ]
-    for g, stats in enumerate(_host_groups_stats(groups_, o, ks)):
+    spans = list(itertools.pairwise(np.cumsum([0, *sizes])))  # Each group's leaves in `flat`.
+    o = None if origins is None else [[os_[j] for j in origin_index[a:b]] for a, b in spans]
+    for g, stats in enumerate(_host_groups_stats([xs[a:b] for a, b in spans], o, ks)):
       for out, value in zip(outputs, stats, strict=True):
         out[g] = value
 
