@@ -20,6 +20,11 @@ statistics pass itself, keeping the result unless the sum turns out negative and
 **Folded keys.** Random rules draw one key per (expert, leaf path) (`sparsify.leaf_key`). The
 engine runs a rule on `{"x": leaf}`, so that one executable serves every leaf of a shape, and
 passes that leaf's keys in as data: a `FoldedKeys` given as the rule's `key`.
+
+**Flat chunks.** Where each output entry reads only the same entry of the inputs, a leaf may be
+merged as chunks of its flattened entries (`flat_chunk`'s few padded sizes): the same bits, and a
+few compiled programs for any set of leaf shapes. A chunk's `FoldedKeys.offset` is its first
+entry's flat index, so a random rule draws the leaf's own uniforms.
 """
 
 from __future__ import annotations
@@ -33,6 +38,24 @@ from typing import Any
 import jax
 
 _STATE = threading.local()
+
+LARGE_CHUNK = 1 << 20  # Entries per chunk of leaves of 4 chunks or more (4 MiB per float32 input).
+SMALL_CHUNK = 1 << 16  # The most for the others.
+
+
+def flat_chunk(n: int) -> int:
+  """Entries per chunk of a flattened leaf of n entries, its last chunk padded to it: 4^6, 4^7 or
+  4^8 (a few programs cover every leaf, with little padding for ViT-sized leaves), LARGE_CHUNK for
+  leaves of 4 of those or more (fewer calls)."""
+  if n >= 4 * LARGE_CHUNK:
+    return LARGE_CHUNK
+  return min(SMALL_CHUNK, 4 ** max(6, -(-(n - 1).bit_length() // 2)))
+
+
+def flat_pieces(n: int) -> list[tuple[int, int, int]]:
+  """`(start, entries, padded entries)` of each chunk of a flattened leaf of n entries."""
+  chunk = flat_chunk(n)
+  return [(start, min(chunk, n - start), chunk) for start in range(0, n, chunk)]
 
 
 class _Context:

@@ -36,8 +36,8 @@ def test_dropped_leaves_equal_the_rules_drop_whatever_the_chunk(monkeypatch):
     want = drop(vectors, keys, np.float32(0.3))
     # Chunks that cut every leaf (padded at its end); one per leaf.
     for chunk in (16, 1 << 20):
-      monkeypatch.setattr(dare_trim, "_CHUNK", chunk)
-      monkeypatch.setattr(dare_trim, "_SMALL_CHUNK", min(chunk, 1 << 16))
+      monkeypatch.setattr(leafwise, "LARGE_CHUNK", chunk)
+      monkeypatch.setattr(leafwise, "SMALL_CHUNK", min(chunk, 1 << 16))
       leaves = lambda: ((base[p], [e[p] for e in experts]) for p in paths)  # noqa: E731
       got = list(dare_trim.dropped_leaves(leaves, paths, key, 0.3, rescale)())
       sizes = [int(np.prod(SHAPES[p])) for p in paths]
@@ -75,8 +75,8 @@ def test_host_trim_equals_the_trim_inside_jit(hparams):
 @pytest.mark.parametrize("budget", [None, 4000])
 def test_streamed_trim_equals_in_memory(monkeypatch, budget):
   # budget 4000 bytes: the dropped vectors do not fit, so the trim streams (StreamingTopK passes).
-  monkeypatch.setattr(dare_trim, "_CHUNK", 64)
-  monkeypatch.setattr(dare_trim, "_SMALL_CHUNK", 16)  # Leaves of 130 and 210 entries in pieces.
+  monkeypatch.setattr(leafwise, "LARGE_CHUNK", 64)
+  monkeypatch.setattr(leafwise, "SMALL_CHUNK", 16)  # Leaves of 130 and 210 entries in pieces.
   base, experts = _models()
   hparams = rules.add_key("dare_ties", {"density": 0.5, "weights": [1.0, 2.0, 0.5]}, 1)
   want = rules.merge(
@@ -132,8 +132,8 @@ def test_sampled_blocks_are_the_passes_entries(monkeypatch):
   # The band's sample, computed at the sampled blocks alone, holds the pass's values there.
   from mergejax import streaming_topk
 
-  monkeypatch.setattr(dare_trim, "_CHUNK", 64)
-  monkeypatch.setattr(dare_trim, "_SMALL_CHUNK", 16)
+  monkeypatch.setattr(leafwise, "LARGE_CHUNK", 64)
+  monkeypatch.setattr(leafwise, "SMALL_CHUNK", 16)
   base, experts = _models()
   key, paths = jax.random.key(3), sorted(SHAPES)
   leaves = _leaves_fn(base, experts, paths)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import merge as merge_config
-from mergejax import rules, streaming
+from mergejax import leafwise, rules, streaming
 from mergejax import tree as tree_lib
 from mergejax.io import atomic, hf
 from mergejax.streaming import statistics
@@ -183,6 +183,13 @@ def test_a_budget_below_one_leaf_fails_naming_it():
     streaming.StreamingMerge("task_arithmetic", base, experts, {}, memory_budget=50_000)
 
 
+def _whole_from(monkeypatch, entries):
+  """Elementwise rules merge leaves of `entries` or more whole (`streaming.flat`), the others
+  in flat chunks of entries / 4 (the last padded)."""
+  monkeypatch.setattr(leafwise, "LARGE_CHUNK", entries // 4)
+  monkeypatch.setattr(leafwise, "SMALL_CHUNK", entries // 4)
+
+
 @pytest.mark.parametrize(
   "name,hparams",
   [
@@ -195,7 +202,8 @@ def test_a_budget_below_one_leaf_fails_naming_it():
     ("della", {"layout": "torch", "combine": "sum"}),
   ],
 )
-def test_a_leaf_above_the_budget_is_merged_in_blocks_of_rows(name, hparams):
+def test_a_leaf_above_the_budget_is_merged_in_blocks_of_rows(monkeypatch, name, hparams):
+  _whole_from(monkeypatch, 64)  # Elementwise rules' large leaves: whole, or in blocks of rows.
   base, experts = _models(shapes={"big": (64, 24), "a/w": (8, 6), "c": (3, 4, 5), "e": (7,)})
   hparams = rules.add_key(name, hparams, 4)
   expected = _in_memory(name, base, experts, **hparams)[0]
@@ -222,6 +230,8 @@ def test_large_temporaries_within_the_budget_run_in_even_blocks(monkeypatch, nam
   # XLA:CPU programs with GB-sized temporaries ran slower per entry: leaves whose program holds
   # more than SPLIT_ABOVE are split where the rule allows, in blocks that divide the rows evenly.
   from mergejax.streaming import blocks
+
+  _whole_from(monkeypatch, 64)
 
   base, experts = _models(shapes={"big": (60, 24), "e": (7,)})
   hparams = rules.add_key(name, hparams, 4)
@@ -261,14 +271,66 @@ def test_a_leaf_that_cannot_be_split_fails_saying_why(name, hparams, why):
 def test_compile_count_depends_on_shapes_not_leaves():
   shapes = {f"layer_{i}/{k}": s for i in range(12) for k, s in {"w": (9, 5), "b": (5,)}.items()}
   base, experts = _models(shapes=shapes)
-  hparams = rules.add_key("dare", {"density": 0.3}, 0)
-  first = streaming.StreamingMerge("dare", base, experts, hparams, memory_budget=10_000)
+  hparams = rules.add_key("breadcrumbs", {"density": 0.3}, 0)
+  first = streaming.StreamingMerge("breadcrumbs", base, experts, hparams, memory_budget=10_000)
   assert first.timings.executables in (0, 2)  # Two shapes (0 if an earlier test compiled them).
-  again = streaming.StreamingMerge("dare", base, experts, {**hparams, "density": 0.5})
+  again = streaming.StreamingMerge("breadcrumbs", base, experts, {**hparams, "density": 0.5})
   assert again.timings.executables == 0  # Traced density: the same executables.
+  expected = _in_memory("breadcrumbs", base, experts, **{**hparams, "density": 0.5})[0]
   for path in base:
-    expected = _in_memory("dare", base, experts, **{**hparams, "density": 0.5})[0]
     np.testing.assert_array_equal(again.leaf(path), np.asarray(expected[path]))
+
+
+# Elementwise rules; DARE-TIES also trims, at the dropped vectors' whole-model thresholds.
+FLAT = [
+  ("task_arithmetic", {}),
+  ("weight_average", {"weights": [1.0, 2.0, 0.5]}),
+  ("task_negation", {}),
+  ("magmax", {}),
+  ("consensus", {"combine": "mean", "tall_lambda": [0.3, 0.5, 0.4]}),
+  ("ties", {}),
+  ("ties", {"trim_scope": "leaf", "election": "count"}),
+  ("dare", {"density": 0.3}),
+  ("dare_ties", {"density": 0.5}),
+]
+
+
+@pytest.mark.parametrize("name,hparams", FLAT)
+def test_elementwise_rules_merge_leaves_of_any_shape_with_a_few_programs(
+  monkeypatch, name, hparams
+):
+  # Leaves of 7 shapes, 1 to 2000 entries; chunks of 16 (the last padded) below 64 entries, so
+  # "big" and "wide" stay whole (their own programs, one of them in blocks of rows).
+  _whole_from(monkeypatch, 64)
+  shapes = {"a": (3, 5), "b": (7,), "c": (2, 3, 3), "d": (), "e": (1, 9), "big": (8, 8)}
+  base, experts = _models(shapes={**shapes, "wide": (200, 10)})
+  hparams = rules.add_key(name, hparams, 7)
+  expected = _in_memory(name, base, experts, **hparams)[0]
+  roomy = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  assert roomy.flat_paths == set(shapes) - {"big"}
+  budget = roomy.working_set["wide"] - 1  # "wide" in blocks of rows.
+  engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=budget)
+  assert engine.row_blocks.keys() == {"wide"} and engine.working_set["wide"] <= budget
+  for path in base:
+    for merge in (roomy, engine):
+      got = merge.leaf(path)
+      assert got.shape == np.shape(base[path]) and got.dtype == base[path].dtype
+      np.testing.assert_array_equal(got, np.asarray(expected[path]), err_msg=path)
+
+
+def test_flat_chunks_compile_one_program_per_chunk_size():
+  # 24 leaves of 9 shapes (up to 72 entries): every one a single chunk of 4096 entries.
+  shapes = {f"layer_{i}/w": (i + 1, 8) for i in range(9)}
+  shapes.update({f"layer_{i}/b": (i + 1,) for i in range(15)})
+  base, experts = _models(shapes=shapes)
+  hparams = rules.add_key("dare", {"density": 0.4}, 1)
+  engine = streaming.StreamingMerge("dare", base, experts, hparams, memory_budget=2**30)
+  assert engine.flat_paths == set(shapes)
+  whole = {(np.shape(x), x.dtype) for x in base.values()}
+  assert engine.timings.executables in (0, 1) and len(whole) == 24
+  expected = _in_memory("dare", base, experts, **hparams)[0]
+  for path in base:
+    np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[path]))
 
 
 def test_a_rule_coupling_leaves_is_merged_in_memory():

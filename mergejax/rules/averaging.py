@@ -82,8 +82,9 @@ def _positive_weights(hparams: dict[str, Any], num_experts: int) -> None:
     raise ValueError(f"weight_average: weights={w!r} must have a positive sum.")
 
 
-def elementwise(hparams, ndim) -> bool:
-  """`row_split` of rules whose every output entry reads the same entry of the inputs."""
+def elementwise(hparams, ndim=None) -> bool:
+  """`row_split` and `elementwise` of rules whose every output entry reads the same entry of the
+  inputs."""
   del hparams, ndim
   return True
 
@@ -94,6 +95,7 @@ spec.register(
   weights=spec.HParam("per_expert", low=0.0, optional=True),
   check=_positive_weights,
   row_split=elementwise,
+  elementwise=elementwise,
 )
 spec.register(
   "task_arithmetic",
@@ -101,5 +103,8 @@ spec.register(
   scale=spec.SCALE,
   weights=spec.HParam("per_expert", optional=True),
   row_split=elementwise,
+  elementwise=elementwise,
 )
-spec.register("task_negation", task_negation, scale=spec.SCALE, row_split=elementwise)
+spec.register(
+  "task_negation", task_negation, scale=spec.SCALE, row_split=elementwise, elementwise=elementwise
+)

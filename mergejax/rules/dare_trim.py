@@ -3,7 +3,7 @@
 MergeLM's DARE-TIES trims the *dropped* task vectors to their top fraction over the whole model.
 Inside one jit that selection is slow on CPU (`rules.merge` on 22M x 8 experts: 26 s) and needs
 every dropped vector at once, which a streaming merge cannot hold. Here the dropped values are
-recomputed on the host in chunks of the flattened leaves (a few compiled chunk sizes: the rule's
+recomputed on the host in chunks of the flattened leaves (`leafwise.flat_chunk`: the rule's
 own `sparsify.random_drop` with per-leaf keys and the chunk's flat offset, so the same uniforms),
 and the thresholds come from the exact host selection (`selection.top_k_stats_eager` when
 everything fits, else `streaming_topk.model_top_k_stats`'s passes). The rule's apply step draws
@@ -25,9 +25,6 @@ from mergejax import task_vectors as tv
 from mergejax.io import readahead
 from mergejax.selection import TopKStats
 from mergejax.tree import path_str
-
-_CHUNK = 1 << 20  # Entries per call of the drop program for large leaves (4 MiB per expert).
-_SMALL_CHUNK = 1 << 16  # The most for the others.
 
 
 @functools.partial(jax.jit, static_argnames=("rescale",))
@@ -74,7 +71,7 @@ def dropped_leaves(
         continue
       b = np.asarray(base).reshape(-1)
       xs = [np.asarray(x).reshape(-1) for x in experts]
-      chunk = _chunk(b.size)
+      chunk = leafwise.flat_chunk(b.size)
       for start in range(0, b.size, chunk):
         yield None, _drop_at(b, xs, start, chunk, chunk, data[:, path_index], density, rescale)
 
@@ -118,7 +115,7 @@ def dropped_sample(
         data = np.asarray(sparsify.leaf_key_data(key, len(experts), paths))
       b = np.asarray(base).reshape(-1)
       xs = [np.asarray(x).reshape(-1) for x in experts]
-      chunk = _chunk(b.size)
+      chunk = leafwise.flat_chunk(b.size)
       for first in range(0, b.size, chunk):
         piece_starts, length = next(pieces)
         with readahead.sampling(b, *xs):
@@ -131,20 +128,11 @@ def dropped_sample(
   return sample
 
 
-def _chunk(n: int) -> int:
-  """Entries per call for a leaf of n: 4^6, 4^7 or 4^8 (padded: a few compiled programs cover
-  every leaf, with little padding for ViT-sized leaves), _CHUNK for leaves of 4 chunks or more
-  (fewer calls)."""
-  if n >= 4 * _CHUNK:
-    return _CHUNK
-  return min(_SMALL_CHUNK, 4 ** max(6, -(-(n - 1).bit_length() // 2)))
-
-
 def piece_sizes(sizes: Sequence[int], rescale: str) -> list[int]:
   """The entry counts of what a pass of `dropped_leaves` yields, for leaves of `sizes`."""
   if rescale == "l1":
     return list(sizes)
-  return [min(_chunk(n), n - s) for n in sizes for s in range(0, n, _chunk(n))]
+  return [length for n in sizes for _, length, _ in leafwise.flat_pieces(n)]
 
 
 def _leaves_of(base, experts):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mergejax.rules import spec
+from mergejax.rules.averaging import elementwise
 from mergejax.tree import Params, to_compute
 
 
@@ -43,4 +44,4 @@ def magmax(base: Params, experts: Sequence[Params], *, scale: Any = 0.5) -> Para
   return jax.tree.map(leaf, base, *experts)
 
 
-spec.register("magmax", magmax, scale=spec.SCALE)
+spec.register("magmax", magmax, scale=spec.SCALE, row_split=elementwise, elementwise=elementwise)

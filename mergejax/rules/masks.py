@@ -200,10 +200,18 @@ def emr_task_model(base: Params, merged: EMRMerged, task: int) -> Params:
   return merged.task_model(base, task)
 
 
+def _elementwise_consensus(hparams, ndim=None) -> bool:
+  # Consensus TA / mean: every entry on its own (TIES's trim and election take whole-model ones).
+  del ndim
+  return hparams["combine"] in ("sum", "mean")
+
+
 _TALL_LAMBDA = spec.HParam("per_expert", low=0.0)
 spec.register(
   "consensus",
   consensus,
+  row_split=_elementwise_consensus,
+  elementwise=_elementwise_consensus,
   tall_lambda=_TALL_LAMBDA,
   min_tasks=spec.HParam("int", low=1),
   scale=spec.SCALE,

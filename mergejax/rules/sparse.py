@@ -309,7 +309,7 @@ def _della_window(hparams: dict[str, Any], num_experts: int) -> None:
     )
 
 
-def _per_leaf_rescale(hparams, ndim) -> bool:  # DARE's "l1" rescale sums over the whole leaf.
+def _per_leaf_rescale(hparams, ndim=None) -> bool:  # DARE's "l1" rescale sums over the leaf.
   del ndim
   return hparams["rescale"] != "l1"
 
@@ -328,6 +328,7 @@ spec.register(
   "ties",
   ties_merging,
   row_split=elementwise,
+  elementwise=elementwise,
   prepare=_ties_prepare,
   with_stats=_ties,
   stream_stats=_ties_stream_stats,
@@ -343,6 +344,7 @@ spec.register(
   "dare",
   dare,
   row_split=_per_leaf_rescale,
+  elementwise=_per_leaf_rescale,
   key=spec.KEY,
   density=spec.FRACTION,
   scale=spec.SCALE,
@@ -354,6 +356,7 @@ spec.register(
   "dare_ties",
   dare_ties,
   row_split=_per_leaf_rescale,
+  elementwise=_per_leaf_rescale,
   prepare=dare_trim.prepare,
   with_stats=dare_trim.with_stats,
   stream_stats=dare_trim.stream_stats,

@@ -199,6 +199,10 @@ class RuleSpec:
     row_split: optional `row_split(hparams, ndim) -> bool`: True when each output row (a slice
       along axis 0) reads only the same rows of the inputs (and the whole-model statistics), so
       the streaming engine may merge a leaf above its budget in blocks of rows (same bits).
+    elementwise: optional `elementwise(hparams) -> bool`: True when each output entry reads only
+      the same entry of the inputs (and the whole-model statistics), so the streaming engine
+      may merge leaves as chunks of their flattened entries (`streaming.flat`: a few programs
+      for any set of leaf shapes; same bits).
   """
 
   name: str
@@ -214,6 +218,7 @@ class RuleSpec:
   statistics: Callable[..., Any] | None = None
   lapack: bool = False
   row_split: Callable[[Mapping[str, Any], int], bool] | None = None
+  elementwise: Callable[[Mapping[str, Any]], bool] | None = None
 
   def __call__(self, base: Any, experts: Any, *statistics: Any, **hparams: Any) -> Any:
     """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`).
@@ -297,6 +302,7 @@ def register(
   statistics: Callable[..., Any] | None = None,
   lapack: bool = False,
   row_split: Callable[[Mapping[str, Any], int], bool] | None = None,
+  elementwise: Callable[[Mapping[str, Any]], bool] | None = None,
   **hparams: HParam,
 ) -> RuleSpec:
   """Registers a rule: `fn` and one `HParam` per keyword-only hyper-parameter of `fn`.
@@ -305,15 +311,9 @@ def register(
     name: key in `REGISTRY`.
     fn: pure `fn(base, experts, *, **hparams)`; defaults come from its signature.
     defaults: overrides of `fn`'s defaults (e.g. a variant rule).
-    prepare: optional host pre-pass, see `RuleSpec`.
-    with_stats: required with `prepare`, see `RuleSpec`.
-    check: optional cross-parameter check.
-    min_experts: fewest experts the rule accepts.
-    max_experts: most experts the rule accepts (None: any number).
-    stream_stats: optional out-of-core pre-pass (needs `with_stats`), see `RuleSpec`.
-    statistics: for a data-dependent rule, the validator of its statistics, see `RuleSpec`.
-    lapack: the rule calls SVD/eigh, see `RuleSpec`.
-    row_split: which leaves the streaming engine may merge in blocks of rows, see `RuleSpec`.
+    min_experts / max_experts: how many experts the rule accepts (max None: any number).
+    prepare, with_stats (required with `prepare`), check, stream_stats (needs `with_stats`),
+      statistics, lapack, row_split, elementwise: see `RuleSpec`.
     **hparams: `{name: HParam}`; must name exactly `fn`'s keyword-only parameters.
 
   Returns:
@@ -355,6 +355,7 @@ def register(
     statistics=statistics,
     lapack=lapack,
     row_split=row_split,
+    elementwise=elementwise,
   )
   REGISTRY[name] = spec
   return spec

@@ -18,7 +18,7 @@ import numpy as np
 from mergejax import leafwise, sparsify
 from mergejax.distributed import hosts
 from mergejax.streaming import compiling
-from mergejax.streaming.programs import check_outputs
+from mergejax.streaming.programs import _size, check_outputs
 
 # A leaf whose program holds temporaries above this is merged in blocks of rows of at most this
 # even within the budget, where its rule allows: XLA:CPU programs with GB-sized temporaries ran
@@ -70,9 +70,17 @@ def _blocker(engine: Any, path: str) -> str | None:
   return None
 
 
-def why_not_split(engine: Any, path: str) -> str:
-  """For the over-budget error: why blocks of rows did not help."""
-  return _blocker(engine, path) or "Even a block of one row does not fit the budget."
+def over_budget(engine: Any, path: str, working_set: int) -> ValueError:
+  """The error for a leaf whose working set exceeds the budget, saying why blocks of rows did
+  not help."""
+  why = _blocker(engine, path) or "Even a block of one row does not fit the budget."
+  return ValueError(
+    f"Leaf {path!r} ({np.shape(engine.base[path])}, {len(engine.experts)} experts) needs "
+    f"{_size(working_set)} of working memory to merge with {engine.rule.name}, more than the "
+    f"memory budget of {_size(engine.budget)}. Raise memory_budget_gb (the budget holds the "
+    "leaf's output, XLA's temporaries and the inputs XLA copies: all but 64-byte aligned NumPy "
+    f"arrays, such as the tensors of files mergejax wrote). {why}"
+  )
 
 
 def rows_per_block(engine: Any, path: str, working_set: int) -> tuple[int, int] | None:

@@ -10,9 +10,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from mergejax.distributed import spmd
-from mergejax.streaming.programs import _EXECUTABLES, _abstract, _program, _signature
+from mergejax.streaming.programs import (
+  _EXECUTABLES,
+  _abstract,
+  _copied_bytes,
+  _program,
+  _signature,
+)
 
 _THREADS = len(os.sched_getaffinity(0))
 _MEMORY: dict[int, tuple[Any, Any]] = {}  # id(executable) -> (executable, its memory analysis).
@@ -25,6 +32,16 @@ def memory_analysis(executable: Any) -> Any:
     analysis = getattr(executable, "compiled", executable).memory_analysis()
     _MEMORY[id(executable)] = (executable, analysis)  # Held: the id stays this executable's.
   return _MEMORY[id(executable)][1]
+
+
+def program_bytes(executable: Any, args, *, copied: bool = True) -> int:
+  """Bytes a program holds: XLA's output and temporaries, and (`copied`) the inputs XLA copies
+  in (without XLA's accounting: three float32 copies of every input)."""
+  mem = memory_analysis(executable)
+  if mem is None:
+    return 4 * 3 * sum(int(np.size(x)) for x in jax.tree.leaves(args[:2]))
+  own = int(mem.output_size_in_bytes + mem.temp_size_in_bytes)
+  return own + (_copied_bytes(args) if copied else 0)
 
 
 def program_key(engine: Any, path: str, mode: str, rows=None) -> tuple[Any, tuple]:
@@ -40,11 +57,16 @@ def program_key(engine: Any, path: str, mode: str, rows=None) -> tuple[Any, tupl
   Returns:
     `(args, key)`.
   """
-  fn, with_stats = engine._fn()
   args = engine._args([path], engine._leaf_stats(path), [0.0] * engine.num_totals, rows)
+  return args, key_of(engine, mode, args)
+
+
+def key_of(engine: Any, mode: str, args) -> tuple:
+  """The key in `_EXECUTABLES` of the engine's program in `mode` for `args`' shapes and dtypes."""
+  fn, with_stats = engine._fn()
   static = tuple(sorted(engine.static.items()))
   key = (fn, static, with_stats, engine.check, mode, str(engine.out_dtype), _signature(args))
-  return args, key + (engine.layout,)
+  return key + (engine.layout,)
 
 
 def compile_program(engine: Any, mode: str, args) -> Any:
@@ -72,9 +94,9 @@ def compile_ahead(engine: Any, modes: Sequence[str]) -> None:
   pending = {}
   for mode in modes:
     for path in engine.merged_paths:
-      args, key = program_key(engine, path, mode)
-      if key not in _EXECUTABLES:
-        pending.setdefault(key, (mode, args))
+      for args, key in engine.programs_of(path, mode):
+        if key not in _EXECUTABLES:
+          pending.setdefault(key, (mode, args))
   if len(pending) < 2:
     return
   start = time.perf_counter()

@@ -19,16 +19,14 @@ from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
 from mergejax.rules.task_specific import TaskSpecificMerge
-from mergejax.streaming import blocks, compiling, statistics
+from mergejax.streaming import blocks, compiling, flat, statistics
 from mergejax.streaming.programs import (
   _EXECUTABLES,
   LazyLeaf,
   Timings,
   _abstract,
-  _copied_bytes,
   _dependencies,
   _program,
-  _size,
   check_outputs,
   default_budget_bytes,
   merge_in_memory,
@@ -112,8 +110,9 @@ class StreamingMerge:
     if self.reason is None:
       self._plan(list(order) if order is not None else list(self.base))
       self._statistics()
-    else:
-      self._merge_in_memory()
+    else:  # Rules that cannot stream: `rules.merge` on the merged leaves.
+      self.num_outputs = merge_in_memory(self)
+      self.order = list(self.merged_paths)
 
   # ------------------------------------------------------------------------------ set-up
   def _select(self, include, exclude, non_float) -> None:
@@ -194,7 +193,12 @@ class StreamingMerge:
 
   # ------------------------------------------------------------------------------ planning
   def _executable(self, path: str, mode: str, rows=None):
-    args, key = compiling.program_key(self, path, mode, rows)
+    args, _ = compiling.program_key(self, path, mode, rows)
+    return self._executable_of(mode, args), args
+
+  def _executable_of(self, mode: str, args):
+    """The compiled program in `mode` for `args`' shapes and dtypes (compiled on first use)."""
+    key = compiling.key_of(self, mode, args)
     if key not in _EXECUTABLES:
       start = time.perf_counter()
       _EXECUTABLES[key] = compiling.compile_program(self, mode, args)
@@ -203,7 +207,13 @@ class StreamingMerge:
     executable = _EXECUTABLES[key]
     if self.layout is not None:
       self.timings.spmd_modes["statistics" if mode == "totals" else "apply"].add(executable.mode)
-    return executable, args
+    return executable
+
+  def programs_of(self, path: str, mode: str) -> list[tuple[Any, tuple]]:
+    """`(args, key)` of each program merging `path` in `mode` (its flat chunks' or its own)."""
+    if mode == "apply" and path in self.flat_paths:
+      return flat.programs(self, path, mode)
+    return [compiling.program_key(self, path, mode)]
 
   def _leaf_stats(self, path: str):
     return None if self._stats is None else self._stats(self.index[path])
@@ -222,12 +232,17 @@ class StreamingMerge:
     # guessed wrong: the same program, given the true sums, computes what "apply" would).
     self.apply_mode = "speculate" if self.speculate and all(self.sign_totals) else "apply"
     self.order = [p for p in order if p in self.index]
+    self.flat_paths = flat.candidates(self)  # Elementwise rules: leaves merged in flat chunks.
     self.working_set: dict[str, int] = {}
     self.row_blocks: dict[str, int] = {}  # Leaves merged in blocks of rows: rows per block.
     # The whole-model sums' own programs, unless the speculative pass merges as it sums.
     totals = ["totals"] if self.num_totals and self.apply_mode != "speculate" else []
     compiling.compile_ahead(self, [self.apply_mode, *totals])
     for path in self.merged_paths:
+      if path in self.flat_paths and (ws := flat.working_set(self, path)) <= self.budget:
+        self.working_set[path] = ws
+        continue
+      self.flat_paths.discard(path)  # Whole, or in blocks of rows where need be.
       ws = self.leaf_working_set(path)
       # Above the budget, or with large temporaries where the rule allows: in blocks of rows.
       if (ws > self.budget or blocks.large_temporaries(self, path)) and (
@@ -236,14 +251,7 @@ class StreamingMerge:
         self.row_blocks[path], ws = split
       self.working_set[path] = ws
       if ws > self.budget:
-        raise ValueError(
-          f"Leaf {path!r} ({np.shape(self.base[path])}, {len(self.experts)} experts) needs "
-          f"{_size(ws)} of working memory to merge with {self.rule.name}, more than the "
-          f"memory budget of {_size(self.budget)}. Raise memory_budget_gb (the budget holds "
-          "the leaf's output, XLA's temporaries and the inputs XLA copies: all but 64-byte "
-          "aligned NumPy arrays, such as the tensors of files mergejax wrote). "
-          + blocks.why_not_split(self, path)
-        )
+        raise blocks.over_budget(self, path, ws)
     self.timings.peak_working_set_bytes = max(self.working_set.values())
     group, used = 0, 0
     for path in self.order:
@@ -260,8 +268,9 @@ class StreamingMerge:
     self.num_outputs = out.num_tasks if self.task_specific else 1
 
   def _output_shapes(self, path: str):
-    """The rule's result on one leaf as shapes: the compiled program's, else traced anew."""
-    compiled, args = self._executable(path, self.apply_mode)
+    """The rule's result on one leaf (or chunk) as shapes: its program's, else traced anew."""
+    args = self.programs_of(path, self.apply_mode)[0][0]
+    compiled = self._executable_of(self.apply_mode, args)
     if (info := getattr(compiled, "out_info", None)) is not None:
       return info[0]
     fn, with_stats = self._fn()
@@ -272,11 +281,7 @@ class StreamingMerge:
     """Bytes a leaf's (or a block of its rows') program holds: XLA's output and temporaries, and
     the inputs XLA copies in."""
     mode = self.apply_mode if rows is None else "apply"
-    compiled, args = self._executable(path, mode, rows)
-    mem = compiling.memory_analysis(compiled)
-    if mem is None:  # No accounting: three float32 copies of every input.
-      return 4 * 3 * (len(self.experts) + 1) * int(np.size(args[0]["x"]))
-    return int(mem.output_size_in_bytes + mem.temp_size_in_bytes) + _copied_bytes(args)
+    return compiling.program_bytes(*self._executable(path, mode, rows))
 
   def _leaves(self) -> Iterator[tuple[Any, list[Any]]]:
     for p in self.merged_paths:
@@ -307,11 +312,6 @@ class StreamingMerge:
       else:
         statistics.sum_rounds(self, self.needs)
     self.timings.stats_s += time.perf_counter() - start
-
-  def _merge_in_memory(self) -> None:
-    """Fallback for rules that cannot stream: `rules.merge` on the merged leaves."""
-    self.num_outputs = merge_in_memory(self)
-    self.order = list(self.merged_paths)
 
   # ------------------------------------------------------------------------------ outputs
   def output_dtype(self, path: str):
@@ -361,6 +361,9 @@ class StreamingMerge:
       if path in self.row_blocks:
         self._cache[(path, 0)] = blocks.merge_in_blocks(self, path, values)
         continue
+      if path in self.flat_paths:  # Its chunks dispatched now, taken below.
+        pending.append((path, flat.Pending(self, path, values)))
+        continue
       if path in self.speculated:
         x, report = self.speculated.pop(path)
         pending.append((path, ({"x": x}, report)))
@@ -369,7 +372,11 @@ class StreamingMerge:
       compiled, _ = self._executable(path, self.apply_mode)
       args = self._args([path], self._leaf_stats(path), values)
       pending.append((path, compiled(*args)[:2]))
-    for path, (out, report) in pending:
+    for path, result in pending:
+      if isinstance(result, flat.Pending):
+        self._cache[(path, 0)] = result.take()
+        continue
+      out, report = result
       if self.task_specific:
         base, out = {"x": self.base[path]}, jax.tree.map(hosts.to_host, out)
         models = [out.task_model(base, t) for t in range(self.num_outputs)]
