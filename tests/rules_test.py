@@ -490,6 +490,24 @@ class RandomMaskTest(parameterized.TestCase):
       for i, p in enumerate(paths):
         np.testing.assert_array_equal(data[t, i], jax.random.key_data(sparsify.leaf_key(key, t, p)))
 
+  @parameterized.parameters("threefry", "raw", "traced", "rbg")
+  def test_leaf_keys_host_folds_equal_jax_folds(self, how):
+    # Concrete threefry keys fold in NumPy (no compile); traced and other keys in jax.
+    paths = [f"layer_{i}/w" for i in range(40)]
+    for seed in (0, 7, 2**31 + 5):
+      key = jax.random.key(seed, impl="rbg" if how == "rbg" else None)
+      want = np.stack(
+        [[jax.random.key_data(sparsify.leaf_key(key, t, p)) for p in paths] for t in range(3)]
+      )
+      if how == "raw":
+        key = jax.random.PRNGKey(seed)
+      if how == "traced":
+        got = jax.jit(lambda k: sparsify.leaf_key_data(k, 3, paths))(key)
+      else:
+        got = sparsify.leaf_key_data(key, 3, paths)
+      self.assertEqual(isinstance(got, np.ndarray), how in ("threefry", "raw"))
+      np.testing.assert_array_equal(got, want)
+
   def test_uniforms_look_uniform_and_independent(self):
     key_data = sparsify.leaf_key_data(jax.random.key(0), 2, ["w"])
     u0 = np.asarray(sparsify.uniform_from_key_data(key_data[0, 0], (1 << 20,)))
