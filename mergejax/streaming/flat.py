@@ -13,6 +13,9 @@ them would save no compile, as every program is compiled once per process.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import os
 from typing import Any
 
 import jax
@@ -94,6 +97,14 @@ def working_set(engine: Any, path: str) -> int:
   return total
 
 
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+  """Threads that run the chunks' programs: XLA runs a small program in its caller's thread (no
+  async dispatch), so one thread ran DARE-TIES's chunks one after the other (22M x 8 fp32,
+  every leaf pulled: 0.30-0.32 -> 0.24 s with 2)."""
+  return concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0)))
+
+
 class Pending:
   """A leaf whose chunks are dispatched; `take()` waits for them and assembles the leaf."""
 
@@ -102,7 +113,8 @@ class Pending:
     self.pieces = []
     for piece in leafwise.flat_pieces(int(np.size(engine.base[path]))):
       args = piece_args(engine, path, piece, totals)
-      self.pieces.append((piece, engine._executable_of("apply", args)(*args)[:2]))
+      program = engine._executable_of("apply", args)
+      self.pieces.append((piece, _pool().submit(lambda p=program, a=args: p(*a)[:2])))
 
   def take(self) -> np.ndarray:
     """The merged leaf, in its shape and output dtype (after its finite check, if asked)."""
@@ -110,7 +122,8 @@ class Pending:
     shape = np.shape(engine.base[path])
     out = np.empty(int(np.prod(shape, dtype=np.int64)), engine.output_dtype(path))
     reports = []
-    for (start, length, _), (merged, report) in self.pieces:
+    for (start, length, _), future in self.pieces:
+      merged, report = future.result()
       out[start : start + length] = hosts.to_host(merged["x"])[:length]
       reports.append(report)
     out = out.reshape(shape)
