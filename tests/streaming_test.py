@@ -292,6 +292,8 @@ FLAT = [
   ("ties", {"trim_scope": "leaf", "election": "count"}),
   ("dare", {"density": 0.3}),
   ("dare_ties", {"density": 0.5}),
+  ("sparsify_combine", {}),  # TIES's trim (whole-model thresholds), then a sum.
+  ("sparsify_combine", {"sparsifier": "dare", "combine": "mean", "key": jax.random.key(2)}),
 ]
 
 

@@ -107,9 +107,17 @@ def _stream_stats(leaves, sizes, *, sparsifier, density, memory_budget=None, **u
   )
 
 
+def _elementwise(hparams, ndim=None) -> bool:
+  # Breadcrumbs and DELLA rank within rows; the others keep or drop each entry on its own.
+  del ndim
+  return hparams["sparsifier"] in ("none", "ties_trim", "dare")
+
+
 spec.register(
   "sparsify_combine",
   sparsify_combine,
+  row_split=_elementwise,
+  elementwise=_elementwise,
   prepare=_prepare,
   with_stats=_with_stats,
   stream_stats=_stream_stats,
