@@ -8,10 +8,11 @@ Writes bench_rules' ViT-S/16-shaped θ0 and 8 experts (21.7M fp32 entries, 150 l
 as Hugging Face directories (model.safetensors + a config.json; flax-style tensor names, so
 `layout=auto` resolves to "flax"), then per rule:
   * **CLI**: `python launch/merge.py --config=configs/merge.py:<rule>` with the rule's defaults,
-    as a fresh process, timed from outside (`bench_util.sample`: wall, CPU, peak RSS), with
-    run.json's phases (load, plan = compile + statistics, merge+write) and the rest of the
-    process (Python start, imports, exit); then again with a warm persistent compilation cache
-    (`--config.compile_cache_dir`, filled by an untimed run first) unless --warm_cache=false;
+    as a fresh process, --cli_runs times (the median run reported), timed from outside
+    (`bench_util.sample`: wall, CPU, peak RSS), with run.json's phases (load, plan = compile +
+    statistics, merge+write) and the rest of the process (Python start, imports, exit); then
+    again with a warm persistent compilation cache (`--config.compile_cache_dir`, filled by an
+    untimed run first) unless --warm_cache=false;
   * **mergekit** (`mergekit-yaml --lazy-unpickle --low-cpu-memory --no-cuda`, in its own virtual
     environment) on the same files, for the rules it has (`bench_util.MERGEKIT_METHODS`, slerp);
   * **API** (--api): one fresh process loads the inputs both ways and times `rules.merge`
@@ -46,6 +47,12 @@ _MERGEKIT_BIN = flags.DEFINE_string(
   "mergekit_bin", bench_util.MERGEKIT_BIN, "mergekit-yaml of its own venv ('' to skip mergekit)."
 )
 _WARM = flags.DEFINE_bool("warm_cache", True, "Also time each rule with a warm compile cache.")
+_RUNS = flags.DEFINE_integer(
+  "cli_runs",
+  3,
+  "Cold CLI runs per rule (each followed by the baseline's, if any): the row shows the run of "
+  "median wall time and lists every run's (this machine's runs vary by up to ~1 s).",
+)
 _API = flags.DEFINE_bool("api", True, "Also time rules.merge from disk vs on device arrays.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 600, "A process running longer is killed.")
 _BASELINE = flags.DEFINE_string(
@@ -230,9 +237,16 @@ def _f(x, fmt=".2f") -> str:
   return "" if x is None else format(x, fmt)
 
 
+def _median_run(runs: list[dict]) -> dict:
+  """The run of median wall time (the first failed one, if any failed), with every wall time."""
+  failed = [r for r in runs if r.get("returncode")]
+  chosen = failed[0] if failed else sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+  return {**chosen, "walls_s": [r.get("wall_s") for r in runs]}
+
+
 def cli_row(rule: str, cli: dict, warm: dict | None, mk: dict | None, before: dict | None) -> str:
   if cli.get("returncode"):
-    return f"| {rule} | failed (exit {cli['returncode']}) |" + " |" * 14
+    return f"| {rule} | failed (exit {cli['returncode']}) |" + " |" * 15
   p = cli["phases_s"]
   plan = p.get("plan", p.get("merge", 0.0))
   compile_s = cli["compile_s"] or 0.0
@@ -252,8 +266,9 @@ def cli_row(rule: str, cli: dict, warm: dict | None, mk: dict | None, before: di
       if before["returncode"]
       else f"{before['wall_s']:.2f} / {before['cpu_s']:.2f}"
     )
+  walls = ", ".join(f"{w:.2f}" for w in cli["walls_s"])
   return (
-    f"| {rule} | {cli['wall_s']:.2f} | {ok} | {cli['cpu_s']:.2f} | {startup:.2f} | "
+    f"| {rule} | {cli['wall_s']:.2f} | {walls} | {ok} | {cli['cpu_s']:.2f} | {startup:.2f} | "
     f"{p.get('load', 0):.2f} | {compile_s:.2f} ({cli['executables'] or 0}) | {stats:.2f} | "
     f"{rest_of_plan:.2f} | {p.get('merge_write', p.get('write', 0)):.2f} | {warm_s} | "
     f"{cli['rss_mib']:.0f} | {before_s} | {mk_s} | {mk_cpu} | {cli['load']:.1f} |"
@@ -283,16 +298,21 @@ def main(argv):
     flush=True,
   )
   header = (
-    "| rule | CLI wall s | ≤ 3 s | CPU s | start+imports+exit s | load s | compile s (executables) "
+    "| rule | CLI wall s (median) | runs s | ≤ 3 s | CPU s | start+imports+exit s | load s "
+    "| compile s (executables) "
     "| statistics s | rest of plan s | merge+write s | wall, warm compile cache s "
     "| peak RSS MiB | before: wall / CPU s | mergekit wall s | mergekit CPU s | load avg |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   )
   print(header, flush=True)
   rows, results = [], {}
   for rule in _RULES.value or default_rules():
-    cli = run_cli(rule, paths, work)
-    before = run_cli(rule, paths, work, root=Path(_BASELINE.value)) if _BASELINE.value else None
+    clis, befores = [], []
+    for _ in range(_RUNS.value):
+      clis.append(run_cli(rule, paths, work))
+      if _BASELINE.value:
+        befores.append(run_cli(rule, paths, work, root=Path(_BASELINE.value)))
+    cli, before = _median_run(clis), _median_run(befores) if befores else None
     warm = None
     if _WARM.value and not cli.get("returncode"):
       cache = work / f"xla_cache_{rule}"
@@ -301,7 +321,8 @@ def main(argv):
       warm = run_cli(rule, paths, work, cache)
       shutil.rmtree(cache, ignore_errors=True)
     mk = run_mergekit(rule, paths, work)
-    results[rule] = {"cli": cli, "cli_before": before, "cli_warm_cache": warm, "mergekit": mk}
+    results[rule] = {"cli_runs": clis, "cli_before_runs": befores, "cli_warm_cache": warm}
+    results[rule] |= {"cli": cli, "cli_before": before, "mergekit": mk}
     rows.append(cli_row(rule, cli, warm, mk, before))
     print(rows[-1], flush=True)
     if cli.get("error"):
