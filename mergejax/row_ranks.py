@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from mergejax import host_call, selection
 
@@ -46,7 +45,7 @@ def ranks_per_row(x: jax.Array) -> jax.Array:
 
   if not selection.on_host_allowed():
     return on_device(magnitude)
-  return lax.platform_dependent(magnitude, cpu=on_host, default=on_device)
+  return host_call.on_cpu_or(magnitude, cpu=on_host, default=on_device)
 
 
 def _in_blocks(rows: np.ndarray, work) -> None:
@@ -129,7 +128,7 @@ def kth_largest_magnitudes_per_row(
 
   if not selection.on_host_allowed():
     return on_device(ks, *operands)
-  return lax.platform_dependent(ks, *operands, cpu=on_host, default=on_device)
+  return host_call.on_cpu_or(ks, *operands, cpu=on_host, default=on_device)
 
 
 def _host_kth(outputs, ks, *operands, with_origin: bool) -> None:

@@ -103,7 +103,7 @@ def top_k_stats(
   if method == "bisect":
     return _stats_bisect(groups, origins, ks)
   if method == "auto":
-    return lax.platform_dependent(groups, origins, ks, cpu=_stats_host, default=_stats_bisect)
+    return host_call.on_cpu_or(groups, origins, ks, cpu=_stats_host, default=_stats_bisect)
   raise ValueError(f"method must be 'auto', 'host' or 'bisect', got {method!r}.")
 
 

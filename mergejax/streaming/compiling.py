@@ -4,6 +4,7 @@ dtypes, mode), compiled once and shared by every leaf and every merge of the pro
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mergejax import host_call
 from mergejax.distributed import spmd
 from mergejax.streaming.programs import (
   _EXECUTABLES,
@@ -74,7 +76,10 @@ def compile_program(engine: Any, mode: str, args) -> Any:
   fn, with_stats = engine._fn()
   program = _program(fn, engine.static, with_stats, engine.check, mode, engine.out_dtype)
   if engine.layout is None:
-    return jax.jit(program).lower(*_abstract(args)).compile()
+    on_cpu = jax.default_backend() == "cpu"
+    with host_call.lowering_for_cpu() if on_cpu else contextlib.nullcontext():
+      lowered = jax.jit(program).lower(*_abstract(args))
+    return lowered.compile()
   # Split over the mesh; compiled for these shapes (mode chosen per program).
   sharded = spmd.shard_program(program, engine.layout, _abstract(args))
   sharded.compile(*_abstract(args))
