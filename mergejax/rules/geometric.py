@@ -12,8 +12,10 @@ from mergejax.rules import spec
 from mergejax.tree import Params, to_compute
 
 
-def _cosine(a, b):
-  na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+def _cosine(a, b, na=None, nb=None):
+  """cos(a, b), 0 where either vanishes; `na`, `nb`: their norms, if known."""
+  na = jnp.linalg.norm(a) if na is None else na
+  nb = jnp.linalg.norm(b) if nb is None else nb
   ok = (na > 0) & (nb > 0)
   return jnp.where(ok, jnp.vdot(a, b) / jnp.where(ok, na * nb, 1.0), 0.0)
 
@@ -38,7 +40,11 @@ def model_stock(base: Params, experts: Sequence[Params]) -> Params:
   def merge_leaf(b, *xs):
     b32 = to_compute(b)
     taus = [(to_compute(x) - b32).ravel() for x in xs]
-    pairs = [_cosine(taus[i], taus[j]) for i in range(n) for j in range(i + 1, n)]
+    # Each norm once (not once per pair): a smaller program, and the same values.
+    norms = [jnp.linalg.norm(tau) for tau in taus]
+    pairs = [
+      _cosine(taus[i], taus[j], norms[i], norms[j]) for i in range(n) for j in range(i + 1, n)
+    ]
     cos = jnp.clip(sum(pairs) / len(pairs), 0.0, 1.0)
     t = n * cos / (1.0 + (n - 1) * cos)
     return (b32 + t * sum(taus).reshape(b.shape) / n).astype(b.dtype)
