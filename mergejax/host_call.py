@@ -31,7 +31,9 @@ _STATE = threading.local()
 def lowering_for_cpu() -> Iterator[None]:
   """Within (in this thread, while tracing a program compiled for the CPU alone): `on_cpu_or`
   traces the CPU branch only. `lax.platform_dependent` traces every branch: Breadcrumbs' other
-  one, a bisection, took ~45% of its per-leaf program's tracing."""
+  one, a bisection, took ~45% of its per-leaf program's tracing. jax caches traces per function,
+  not per this state: trace within only functions of their own (the streaming engine's fresh
+  per-leaf programs, `rules.merge`'s jit for the CPU)."""
   previous = getattr(_STATE, "cpu", False)
   _STATE.cpu = True
   try:

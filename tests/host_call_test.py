@@ -40,3 +40,22 @@ def test_operands_are_read_in_place():
   out = jax.jit(lambda a: host_call.host_call(fill, [result], a))(x)[0]
   assert out == (1 << 16) - 1
   assert seen == [x.unsafe_buffer_pointer()]  # XLA's buffer itself, not a copy.
+
+
+def test_lowering_for_cpu_traces_the_cpu_branch_alone():
+  traced = []
+
+  def make():  # A new function each time: jax caches traces per function, not per context.
+    def f(x):
+      cpu = lambda a: traced.append("cpu") or a + 1  # noqa: E731
+      return host_call.on_cpu_or(x, cpu=cpu, default=lambda a: traced.append("dev") or jnp.sin(a))
+
+    return f
+
+  x = jnp.arange(3.0)
+  assert "platform_index" in str(jax.make_jaxpr(make())(x)) and sorted(traced) == ["cpu", "dev"]
+  traced.clear()
+  with host_call.lowering_for_cpu():
+    assert "platform_index" not in str(jax.make_jaxpr(make())(x)) and traced == ["cpu"]
+    np.testing.assert_array_equal(jax.jit(make())(x), x + 1)
+  assert "platform_index" in str(jax.make_jaxpr(make())(x))  # The state is restored after.

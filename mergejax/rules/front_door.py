@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax import lapack_threads, selection
+from mergejax import host_call, lapack_threads, selection
 from mergejax import tree as tree_lib
 from mergejax.distributed import layout as layout_lib
 from mergejax.distributed import spmd
@@ -63,11 +63,21 @@ def _poison(merged: Params, base: Params, experts: Sequence[Params]) -> Params:
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def _compiled(fn: Callable[..., Any], static_items: tuple, with_stats: bool, check: bool):
+def _compiled(
+  fn: Callable[..., Any], static_items: tuple, with_stats: bool, check: bool, for_cpu=False
+):
   # Keyed on the rule function itself (re-registering a name with another function compiles
   # anew), the static options, the pre-pass and the checks; scalars are traced, so sweeps reuse
-  # the executable.
-  return jax.jit(_checked(fn, dict(static_items), with_stats, check))
+  # the executable. `for_cpu`: traced for the CPU alone, host branches only (`host_call`).
+  checked = _checked(fn, dict(static_items), with_stats, check)
+  if not for_cpu:
+    return jax.jit(checked)
+
+  def traced_for_cpu(*args):
+    with host_call.lowering_for_cpu():
+      return checked(*args)
+
+  return jax.jit(traced_for_cpu)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -230,6 +240,7 @@ def merge(
       raise
   fn = rule.fn if stats is None or rule.data_dependent else rule.with_stats
   key = (fn, tuple(sorted(static.items())), stats is not None, check_finite)
+  key += (jax.default_backend() == "cpu",)  # The CPU backend's programs: host branches only.
   run = _compiled(*key) if jit else _checked(fn, static, stats is not None, check_finite)
   if rule.lapack:  # One BLAS thread under XLA's concurrent LAPACK calls (see lapack_threads).
     with lapack_threads.single_threaded_blas():
