@@ -45,6 +45,7 @@ def dropped_leaves(
   key: jax.Array,
   density: Any,
   rescale: str,
+  sizes: Sequence[int] | None = None,
 ) -> Callable[[], Iterator[tuple[None, list[np.ndarray]]]]:
   """Starts passes over the experts' dropped task vectors, leaf by leaf.
 
@@ -54,6 +55,8 @@ def dropped_leaves(
     key: the rule's key.
     density: DARE's keep probability.
     rescale: DARE's rescale ("l1" rescales per leaf: then each leaf is one call, in its shape).
+    sizes: the leaves' entry counts, if known: each pass first compiles every chunk size's
+      program in parallel threads.
 
   Returns:
     A function starting a pass that yields `(None, [flat float32 dropped τt per expert])` per
@@ -74,14 +77,19 @@ def dropped_leaves(
       for start, _, chunk in leafwise.flat_pieces(b.size):
         yield _drop_at, (b, xs, start, chunk, chunk, data[:, path_index], density, rescale)
 
+  compiled = []  # Whether the chunk programs were compiled ahead (by the first pass).
+
   def run():
-    num_experts = next((len(xs) for _, xs in leaves()), 0)
-    data = np.asarray(sparsify.leaf_key_data(key, num_experts, paths))
-    _compile_ahead(jobs(data))
-    calls = jobs(data)
-    if (first := next(calls, None)) is None:
+    if (leaf := next(leaves(), None)) is None:
       return
-    yield None, first[0](*first[1])  # Alone: a consumer may stop after one (then no more ran).
+    data = np.asarray(sparsify.leaf_key_data(key, len(leaf[1]), paths))
+    if rescale != "l1" and not compiled:
+      _compile_ahead(leaf, sizes, data[:, 0], density, rescale)
+      compiled.append(True)
+    calls = jobs(data)
+    if (call := next(calls, None)) is None:
+      return
+    yield None, call[0](*call[1])  # Alone: a consumer may stop after one (then no more ran).
     # The others run in threads, a few ahead of the consumer (XLA runs each in its caller's
     # thread, releasing the GIL): 22M x 8 fp32, the drop pass's compute took ~0.5 s on one core.
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
@@ -101,22 +109,20 @@ def _whole_leaf(base, experts, key_data, offset, density, rescale) -> list[np.nd
   return [np.asarray(d).reshape(-1) for d in dropped]
 
 
-def _compile_ahead(jobs) -> None:
-  """Compiles the drop program for every chunk size of a pass, in parallel threads (XLA
-  compiles without the GIL), by running each once on zeros (whole leaves, rescale "l1": as
-  they come)."""
-  first = {}
-  for fn, args in jobs:
-    if fn is not _drop_at:
-      return
-    b, xs, _, _, padded, key_data, density, rescale = args
-    signature = (padded, *(x.dtype.str for x in (b, *xs)), key_data.shape, rescale)
-    if signature not in first:
-      parts = [np.zeros(padded, x.dtype) for x in (b, *xs)]
-      first[signature] = (parts[0], parts[1:], key_data, np.uint32(0), density, rescale)
-  if len(first) > 1:
-    with concurrent.futures.ThreadPoolExecutor(min(len(first), _THREADS)) as pool:
-      list(pool.map(lambda args: _whole_leaf(*args), first.values()))
+def _compile_ahead(first, sizes, key_data, density, rescale) -> None:
+  """Compiles the drop program for every chunk size of leaves of `sizes` (in the dtypes of the
+  `first` leaf's inputs; others compile as they come), in parallel threads (XLA compiles without
+  the GIL), by running each once on zeros."""
+  padded = sorted({chunk for n in sizes or () for _, _, chunk in leafwise.flat_pieces(n)})
+  if len(padded) < 2:
+    return
+
+  def run(n):
+    parts = [np.zeros(n, np.asarray(x).dtype) for x in (first[0], *first[1])]
+    _whole_leaf(parts[0], parts[1:], key_data, np.uint32(0), density, rescale)
+
+  with concurrent.futures.ThreadPoolExecutor(min(len(padded), _THREADS)) as pool:
+    list(pool.map(run, padded))
 
 
 def _drop_at(b, xs, start, length, padded, key_data, density, rescale) -> list[np.ndarray]:
@@ -199,7 +205,8 @@ def prepare(base, experts, *, key, density, rescale, trim_density, **unused) -> 
   if trim_density is None:
     return None
   paths = [path_str(p) for p, _ in jax.tree.flatten_with_path(base)[0]]
-  pass_ = dropped_leaves(_leaves_of(base, experts), paths, key, density, rescale)
+  sizes = [int(np.size(x)) for x in jax.tree.leaves(base)]
+  pass_ = dropped_leaves(_leaves_of(base, experts), paths, key, density, rescale, sizes)
   leaves = [xs for _, xs in pass_()]
   k = _count(sum(int(np.size(x)) for x in jax.tree.leaves(base)), trim_density)
   groups = [[xs[t] for xs in leaves] for t in range(len(experts))]
@@ -223,7 +230,7 @@ def stream_stats(
   if trim_density is None:
     return lambda i: None
   k = _count(sum(sizes), trim_density)
-  dropped = dropped_leaves(leaves, paths, key, density, rescale)
+  dropped = dropped_leaves(leaves, paths, key, density, rescale, sizes)
   sample = dropped_sample(leaves, paths, key, density, rescale)
   stats = streaming_topk.model_top_k_stats(
     dropped, piece_sizes(sizes, rescale), k, memory_budget, computed=True, sample=sample
