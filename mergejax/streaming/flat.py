@@ -7,8 +7,8 @@ cost DARE-TIES 10 programs per mode (1.4 s of compile on 2 cores) where 2 chunk 
 leaf. The same bits as the whole leaf: each output entry reads only the same entry of the inputs
 (the rule declares it, `RuleSpec.elementwise`), random rules draw the leaf's uniforms at the
 chunk's flat offset (`leafwise.FoldedKeys.offset`), and the padding (zeros) is cut off. Leaves of
-4 large chunks or more keep their whole-leaf program (one per shape, a few calls each): chunking
-them would save no compile, as every program is compiled once per process.
+4 large chunks or more keep their whole-leaf program: a model has few such shapes, and chunks
+would add calls and copies (each chunk's result is copied into the leaf) for little compile saved.
 """
 
 from __future__ import annotations
