@@ -237,7 +237,10 @@ def test_large_temporaries_within_the_budget_run_in_even_blocks(monkeypatch, nam
   hparams = rules.add_key(name, hparams, 4)
   expected = _in_memory(name, base, experts, **hparams)[0]
   whole = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
-  monkeypatch.setattr(blocks, "SPLIT_ABOVE", whole.working_set["big"] // 3)
+  # Above the temporaries of a program that holds one leaf's worth (5.6 KiB here), below those
+  # of DELLA's |τ| rows and ranks and DARE's L1 norms (28-34 KiB). Not a fraction of the working
+  # set, which counts the inputs XLA copies: those that happen not to be 64-byte aligned.
+  monkeypatch.setattr(blocks, "SPLIT_ABOVE", 3 * base["big"].nbytes)
   assert blocks.large_temporaries(whole, "big") == (name in ("della", "dare"))
   engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
   if split:
@@ -318,6 +321,28 @@ def test_elementwise_rules_merge_leaves_of_any_shape_with_a_few_programs(
       got = merge.leaf(path)
       assert got.shape == np.shape(base[path]) and got.dtype == base[path].dtype
       np.testing.assert_array_equal(got, np.asarray(expected[path]), err_msg=path)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "dare", "ties"])
+@pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16])
+def test_flat_chunks_of_bf16_leaves_in_any_output_dtype(monkeypatch, name, dtype):
+  _whole_from(monkeypatch, 64)
+  base, experts = _models(shapes={"a": (3, 7), "b": (40,), "c": (3, 4, 5)})  # 2, 3, 4 chunks.
+  base, experts = _bf16(base), [_bf16(e) for e in experts]
+  hparams = rules.add_key(name, {}, 5)
+  expected = _in_memory(name, base, experts, **hparams)[0]
+  engine = streaming.StreamingMerge(name, base, experts, hparams, dtype=dtype, memory_budget=2**30)
+  assert engine.flat_paths == set(base)
+  for path in base:
+    want = np.asarray(expected[path])
+    want = want if dtype is None else want.astype(dtype)
+    got = engine.leaf(path)
+    assert got.dtype == want.dtype == (dtype or jnp.bfloat16)
+    np.testing.assert_array_equal(got, want, err_msg=path)
+
+
+def _bf16(model):
+  return {p: x.astype(jnp.bfloat16) for p, x in model.items()}
 
 
 def test_flat_chunks_compile_one_program_per_chunk_size():
