@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import merge as merge_config
-from mergejax import rules
+from mergejax import rules, streaming
+from mergejax import tree as tree_lib
 
 _README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -42,6 +43,15 @@ def test_the_readme_rule_merges_as_documented(readme_rule):
   np.testing.assert_allclose(merged["w"], np.arange(6.0).reshape(2, 3) + 0.8 * 0.75, rtol=1e-6)
   assert merged["b"].dtype == jnp.bfloat16  # The dtype policy comes with the front door.
   np.testing.assert_allclose(np.float32(merged["b"]), 0.6, rtol=1e-2)
+
+
+def test_the_readme_rule_streams_in_flat_chunks(readme_rule):
+  base, experts = readme_rule["base"], readme_rule["experts"]
+  flat = tree_lib.flatten(base), [tree_lib.flatten(e) for e in experts]
+  engine = streaming.StreamingMerge("trimmed_mean", *flat, {"scale": 0.8}, memory_budget=2**30)
+  assert engine.flat_paths == set(flat[0])  # Declared elementwise: every leaf in flat chunks.
+  for path, x in tree_lib.flatten(readme_rule["merged"]).items():
+    np.testing.assert_array_equal(engine.leaf(path), np.asarray(x), err_msg=path)
 
 
 def test_spec_validation_and_config_follow(readme_rule):
