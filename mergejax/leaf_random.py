@@ -68,7 +68,8 @@ def _is_concrete_threefry(key) -> bool:
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return str(jax.random.key_impl(key)) == "threefry2x32" and key.shape == ()
   # Raw key data (jax.random.PRNGKey): the default implementation's.
-  return jax.config.jax_default_prng_impl == "threefry2x32" and np.shape(key) == (2,)
+  default = getattr(jax.config, "jax_default_prng_impl", None)
+  return default == "threefry2x32" and np.shape(key) == (2,)
 
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
