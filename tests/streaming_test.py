@@ -346,7 +346,7 @@ def _bf16(model):
 
 
 def test_flat_chunks_compile_one_program_per_chunk_size():
-  # 24 leaves of 9 shapes (up to 72 entries): every one a single chunk of 4096 entries.
+  # 24 leaves of 24 shapes (up to 72 entries): every one a single chunk of 4096 entries.
   shapes = {f"layer_{i}/w": (i + 1, 8) for i in range(9)}
   shapes.update({f"layer_{i}/b": (i + 1,) for i in range(15)})
   base, experts = _models(shapes=shapes)
