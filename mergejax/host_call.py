@@ -28,18 +28,23 @@ _STATE = threading.local()
 
 
 @contextlib.contextmanager
-def lowering_for_cpu() -> Iterator[None]:
+def thread_flag(state: threading.local, name: str) -> Iterator[None]:
+  """Within: `state.<name>` is True in this thread; restored after (nested uses included)."""
+  previous = getattr(state, name, False)
+  setattr(state, name, True)
+  try:
+    yield
+  finally:
+    setattr(state, name, previous)
+
+
+def lowering_for_cpu() -> contextlib.AbstractContextManager[None]:
   """Within (in this thread, while tracing a program compiled for the CPU alone): `on_cpu_or`
   traces the CPU branch only. `lax.platform_dependent` traces every branch: Breadcrumbs' other
   one, a bisection, took ~45% of its per-leaf program's tracing. jax caches traces per function,
   not per this state: trace within only functions of their own (the streaming engine's fresh
   per-leaf programs, `rules.merge`'s jit for the CPU)."""
-  previous = getattr(_STATE, "cpu", False)
-  _STATE.cpu = True
-  try:
-    yield
-  finally:
-    _STATE.cpu = previous
+  return thread_flag(_STATE, "cpu")
 
 
 def on_cpu_or(*operands, cpu: Callable, default: Callable):

@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -45,15 +45,9 @@ _STATE = threading.local()
 _THREADS = min(len(os.sched_getaffinity(0)), 4)
 
 
-@contextlib.contextmanager
-def across_devices() -> Iterator[None]:
+def across_devices() -> contextlib.AbstractContextManager[None]:
   """Within (while tracing): method "auto" selects by bisection, whatever the backend."""
-  previous = getattr(_STATE, "split", False)
-  _STATE.split = True
-  try:
-    yield
-  finally:
-    _STATE.split = previous
+  return host_call.thread_flag(_STATE, "split")
 
 
 def on_host_allowed() -> bool:
