@@ -53,15 +53,11 @@ def test_streaming_equals_in_memory_bit_for_bit(name):
   budget = probe.timings.peak_working_set_bytes or 2**30
   engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=budget)
   assert engine.num_outputs == len(expected)
-  # TSV-C (a task-specific result) is found not leaf-local, so the engine merges it in memory; the
-  # result is still the in-memory one. Whole-model trims stream through stream_stats hooks (TIES,
-  # sparsify_combine's ties_trim, DARE-TIES: rules.dare_trim, tests/dare_trim_test.py).
-  falls_back = {"tsv_c"}
-  if engine.reason is None:
-    assert name not in falls_back
-    assert engine.timings.groups > 1, engine.timings
-  else:
-    assert name in falls_back and "depends on leaf" in engine.reason
+  # Every built-in rule streams: task-specific ones (EMR, TALL masks, TSV-C) as their task models,
+  # whole-model trims through stream_stats hooks (TIES, sparsify_combine's ties_trim, DARE-TIES:
+  # rules.dare_trim, tests/dare_trim_test.py).
+  assert engine.reason is None, engine.reason
+  assert engine.timings.groups > 1, engine.timings
   # The roomy probe merges in one group, and in the statistics pass where the rule's sums are signs.
   for t, model in enumerate(expected):
     for path in base:
@@ -339,6 +335,27 @@ def test_flat_chunks_of_bf16_leaves_in_any_output_dtype(monkeypatch, name, dtype
     got = engine.leaf(path)
     assert got.dtype == want.dtype == (dtype or jnp.bfloat16)
     np.testing.assert_array_equal(got, want, err_msg=path)
+
+
+@pytest.mark.parametrize("name", ["tall_masks", "emr"])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_task_specific_rules_merge_flat_chunks_into_every_task_model(monkeypatch, name, dtype):
+  # TALL masks and EMR (given its rescalers' whole-model sums) are elementwise: their programs
+  # build all T task models chunk by chunk (2, 3 and 4 chunks of 16 below), as rules.merge's
+  # callers build them from its result.
+  _whole_from(monkeypatch, 64)
+  base, experts = _models(shapes={"a": (3, 7), "b": (40,), "c": (3, 4, 5)})
+  if dtype is not None:
+    base, experts = _bf16(base), [_bf16(e) for e in experts]
+  expected = _in_memory(name, base, experts)
+  engine = streaming.StreamingMerge(name, base, experts, {}, memory_budget=2**30)
+  assert engine.flat_paths == set(base) and engine.num_outputs == len(expected) == 3
+  assert (engine.num_totals > 0) == (name == "emr")  # The rescalers' sums, from whole leaves.
+  for t, model in enumerate(expected):
+    for path in base:
+      got = engine.leaf(path, t)
+      assert got.dtype == base[path].dtype
+      np.testing.assert_array_equal(got, np.asarray(model[path]), err_msg=f"{path}, task {t}")
 
 
 def _bf16(model):

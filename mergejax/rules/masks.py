@@ -13,8 +13,9 @@ from mergejax import combine as combine_lib
 from mergejax import leafwise, sparsify
 from mergejax import task_vectors as tv
 from mergejax.rules import spec
+from mergejax.rules.averaging import elementwise
 from mergejax.rules.sparse import _combine
-from mergejax.rules.task_specific import TaskSpecificMerge
+from mergejax.rules.task_specific import TaskSpecificMerge, masked_apply
 from mergejax.tree import Params
 
 
@@ -87,7 +88,7 @@ class TallMerged(TaskSpecificMerge):
     return len(self.masks)
 
   def task_model(self, base: Params, task: int) -> Params:
-    return tv.apply(base, _masked(self.masks[task], self.multi))
+    return masked_apply(base, self.masks[task], self.multi)
 
 
 def tall_masks(base: Params, experts: Sequence[Params], *, tall_lambda: Any = 0.4) -> TallMerged:
@@ -143,7 +144,7 @@ class EMRMerged(TaskSpecificMerge):
 
   def task_model(self, base: Params, task: int) -> Params:
     """θ0 + λt · (mt ⊙ τuni), in the dtypes of `base`."""
-    return tv.apply(base, _masked(self.masks[task], self.unified), self.rescalers[task])
+    return masked_apply(base, self.masks[task], self.unified, self.rescalers[task])
 
 
 EMR_RESCALERS = ("tensor_mean", "paper")
@@ -174,10 +175,17 @@ def emr_merging(
 
   if rescaler not in EMR_RESCALERS:
     raise ValueError(f"rescaler must be one of {EMR_RESCALERS}, got {rescaler!r}.")
-  reduce_abs = jnp.mean if rescaler == "tensor_mean" else jnp.sum
+
+  def leaf_term(x):
+    if rescaler == "paper":
+      return jnp.sum(jnp.abs(x))
+    # The mean as a sum of |x| / n: a term that ends in a multiply (XLA makes x / n one) would
+    # be fused with the add of the next leaf's term into one FMA, a rounding the streaming
+    # engine, which adds the leaves' partials one by one, does not make (1 ulp off).
+    return jnp.sum(jnp.abs(x) * (1.0 / x.size))
 
   def total_abs(tree):
-    return leafwise.total(sum(reduce_abs(jnp.abs(x)) for x in jax.tree.leaves(tree)))
+    return leafwise.total(sum(leaf_term(x) for x in jax.tree.leaves(tree)))
 
   rescalers = []
   for v, m in zip(vectors, masks, strict=True):
@@ -218,5 +226,7 @@ spec.register(
   combine=spec.choice(*CONSENSUS_COMBINES),
   density=spec.FRACTION,
 )
-spec.register("tall_masks", tall_masks, tall_lambda=_TALL_LAMBDA)
-spec.register("emr", emr_merging, rescaler=spec.choice(*EMR_RESCALERS))
+# Every entry of every task model on its own (no `row_split`: blocks of rows give one output).
+spec.register("tall_masks", tall_masks, elementwise=elementwise, tall_lambda=_TALL_LAMBDA)
+# Given its whole-model sums (the rescalers'), every entry of every task model on its own.
+spec.register("emr", emr_merging, elementwise=elementwise, rescaler=spec.choice(*EMR_RESCALERS))

@@ -200,7 +200,7 @@ class RuleSpec:
       along axis 0) reads only the same rows of the inputs (and the whole-model statistics), so
       the streaming engine may merge a leaf above its budget in blocks of rows (same bits).
     elementwise: optional `elementwise(hparams) -> bool`: True when each output entry reads only
-      the same entry of the inputs (and the whole-model statistics), so the streaming engine
+      the same entry of the inputs (and whole-model statistics or sums), so the streaming engine
       may merge leaves as chunks of their flattened entries (`streaming.flat`: a few programs
       for any set of leaf shapes; same bits).
   """

@@ -29,6 +29,7 @@ Arithmetic is float32; outputs have the dtypes of `base`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -191,15 +192,18 @@ class TsvCompressed(TaskSpecificMerge):
     return first.shape[0]
 
   def task_model(self, base: Params, task: int) -> Params:
-    def leaf(b, part):
-      if len(part) == 3:
-        u, s, vt = part
-        delta = ((u[task] * s[task]) @ vt[task]).reshape(b.shape)
-      else:
-        delta = part[0][task]
-      return (to_compute(b) + self.scale * delta).astype(b.dtype)
+    # One jitted program per leaf, eager or traced into the streaming engine's (same bits).
+    return jax.tree.map(lambda b, part: _tsv_task_leaf(b, part, task, self.scale), base, self.parts)
 
-    return jax.tree.map(leaf, base, self.parts)
+
+@functools.partial(jax.jit, static_argnums=2)
+def _tsv_task_leaf(b: jax.Array, part: tuple, task: int, scale: jax.Array) -> jax.Array:
+  if len(part) == 3:
+    u, s, vt = part
+    delta = ((u[task] * s[task]) @ vt[task]).reshape(b.shape)
+  else:
+    delta = part[0][task]
+  return (to_compute(b) + scale * delta).astype(b.dtype)
 
 
 def tsv_compress(

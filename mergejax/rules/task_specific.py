@@ -12,9 +12,10 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mergejax import tree as tree_lib
-from mergejax.tree import Params
+from mergejax.tree import Params, to_compute
 
 
 class TaskSpecificMerge:
@@ -61,6 +62,31 @@ class SubsetTaskSpecific(TaskSpecificMerge):
     merged = self.inner.task_model(chosen, task)
     out = [merged[p] if p in merged else self.rest[p] for p in flat]
     return jax.tree.unflatten(jax.tree.structure(base), out)
+
+
+@jax.jit
+def _masked_apply_leaf(base: jax.Array, mask: jax.Array, vector: jax.Array, factor) -> jax.Array:
+  return (to_compute(base) + factor * jnp.where(mask, vector, 0.0)).astype(base.dtype)
+
+
+def masked_apply(base: Params, mask: Params, vector: Params, factor: Any = 1.0) -> Params:
+  """Returns θ0 + factor · (m ⊙ τ), in float32, cast to the dtype of each base leaf.
+
+  One jitted program per leaf, called eagerly or traced into a larger program alike: the
+  streaming engine builds task models inside its per-leaf programs and `rules.merge`'s callers
+  build them from its result, with the same bits (XLA fuses the multiply and the add into one
+  rounding either way, which separate eager operations would not).
+
+  Args:
+    base: pre-trained parameters θ0 (their dtypes are the output's).
+    mask: boolean leaves with the structure of `base`.
+    vector: float32 task vector with the structure of `base`.
+    factor: scalar, may be traced.
+
+  Returns:
+    Task parameters with the structure and dtypes of `base`.
+  """
+  return jax.tree.map(lambda b, m, v: _masked_apply_leaf(b, m, v, factor), base, mask, vector)
 
 
 def task_models(result: Any, base: Params, num_tasks: int) -> list[Params]:

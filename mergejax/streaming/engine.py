@@ -18,7 +18,6 @@ from mergejax.distributed import hosts
 from mergejax.rules import front_door, leaf_subset
 from mergejax.rules import spec as spec_lib
 from mergejax.rules.averaging import weight_average
-from mergejax.rules.task_specific import TaskSpecificMerge
 from mergejax.streaming import blocks, compiling, flat, statistics
 from mergejax.streaming.programs import (
   _EXECUTABLES,
@@ -238,6 +237,9 @@ class StreamingMerge:
     # The whole-model sums' own programs, unless the speculative pass merges as it sums.
     totals = ["totals"] if self.num_totals and self.apply_mode != "speculate" else []
     compiling.compile_ahead(self, [self.apply_mode, *totals])
+    out = self._output_shapes(first)  # A task-specific rule's programs give its task models.
+    self.task_specific = isinstance(out, list)
+    self.num_outputs = len(out) if self.task_specific else 1
     for path in self.merged_paths:
       if path in self.flat_paths and (ws := flat.working_set(self, path)) <= self.budget:
         self.working_set[path] = ws
@@ -263,12 +265,9 @@ class StreamingMerge:
     for path, g in self._groups.items():
       self.group_paths.setdefault(g, []).append(path)
     self.timings.groups = len(self.group_paths)
-    out = self._output_shapes(first)
-    self.task_specific = isinstance(out, TaskSpecificMerge)
-    self.num_outputs = out.num_tasks if self.task_specific else 1
 
   def _output_shapes(self, path: str):
-    """The rule's result on one leaf (or chunk) as shapes: its program's, else traced anew."""
+    """The program's result on one leaf (or chunk) as shapes (task-specific: a list of models)."""
     args = self.programs_of(path, self.apply_mode)[0][0]
     compiled = self._executable_of(self.apply_mode, args)
     if (info := getattr(compiled, "out_info", None)) is not None:
@@ -365,8 +364,7 @@ class StreamingMerge:
         pending.append((path, flat.Pending(self, path, values)))
         continue
       if path in self.speculated:
-        x, report = self.speculated.pop(path)
-        pending.append((path, ({"x": x}, report)))
+        pending.append((path, self.speculated.pop(path)))
         continue
       # The speculative program, given the true sums, computes what the apply program would.
       compiled, _ = self._executable(path, self.apply_mode)
@@ -374,14 +372,11 @@ class StreamingMerge:
       pending.append((path, compiled(*args)[:2]))
     for path, result in pending:
       if isinstance(result, flat.Pending):
-        self._cache[(path, 0)] = result.take()
+        for t, x in enumerate(result.take()):
+          self._cache[(path, t)] = x
         continue
       out, report = result
-      if self.task_specific:
-        base, out = {"x": self.base[path]}, jax.tree.map(hosts.to_host, out)
-        models = [out.task_model(base, t) for t in range(self.num_outputs)]
-      else:
-        models = [out]
+      models = out if self.task_specific else [out]
       if self.check:
         check_outputs(path, self.base, self.experts, models, report)
       for t, m in enumerate(models):

@@ -30,13 +30,14 @@ from mergejax.streaming.programs import check_outputs
 
 def applies(engine: Any) -> bool:
   """Whether the engine's rule, with these options, may merge leaves as flat chunks: it declares
-  itself elementwise, takes no whole-model sums (a leaf's partial sums would be added in another
-  order) and runs on one device."""
+  itself elementwise (given its whole-model sums), its sums, if any, come from the whole leaves'
+  "totals" programs (a chunk's partials would add up in another order; the "apply" programs are
+  given the sums), and it runs on one device."""
   elementwise = engine.rule.elementwise
   return (
     elementwise is not None
     and bool(elementwise(engine.full))
-    and not engine.num_totals
+    and engine.apply_mode == "apply"
     and engine.layout is None
   )
 
@@ -50,9 +51,9 @@ def candidates(engine: Any) -> set[str]:
   return {p for p in engine.merged_paths if int(np.size(engine.base[p])) < small}
 
 
-def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=()):
+def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=None):
   """The program's arguments for one chunk `(start, entries, padded)` of the flattened leaf
-  (zeros after its entries, up to `padded`)."""
+  (zeros after its entries, up to `padded`), given the whole-model sums (None: zeros)."""
   start, length, padded = piece
 
   def cut(x):
@@ -69,6 +70,7 @@ def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=()):
   if engine.key is not None:
     traced["key"] = leafwise.FoldedKeys(blocks.folded_keys(engine, [path]).data, np.uint32(start))
   stats = engine._leaf_stats(path)
+  totals = [0.0] * engine.num_totals if totals is None else totals
   return base, experts, stats, traced, [jnp.float32(v) for v in totals]
 
 
@@ -77,7 +79,7 @@ def programs(engine: Any, path: str, mode: str) -> list[tuple[Any, tuple]]:
   found = {}
   for piece in leafwise.flat_pieces(int(np.size(engine.base[path]))):
     if piece[2] not in found:  # One per padded size: the arguments of its first chunk.
-      args = piece_args(engine, path, piece, [0.0] * engine.num_totals)
+      args = piece_args(engine, path, piece)
       found[piece[2]] = (args, compiling.key_of(engine, mode, args))
   return list(found.values())
 
@@ -85,9 +87,10 @@ def programs(engine: Any, path: str, mode: str) -> list[tuple[Any, tuple]]:
 def working_set(engine: Any, path: str) -> int:
   """Bytes the leaf's merge holds: every chunk's output and temporaries (all are dispatched
   before the first is taken) and the inputs XLA copies in, the padded chunk's inputs (our
-  copies, which XLA may copy again: counted twice) and the output leaf the chunks fill."""
+  copies, which XLA may copy again: counted twice) and the output leaves the chunks fill (one
+  per task of a task-specific rule)."""
   n = int(np.size(engine.base[path]))
-  total = n * engine.output_dtype(path).itemsize
+  total = n * engine.output_dtype(path).itemsize * engine.num_outputs
   for piece in leafwise.flat_pieces(n):
     args = piece_args(engine, path, piece)
     padded = piece[1] < piece[2]
@@ -116,18 +119,21 @@ class Pending:
       program = engine._executable_of("apply", args)
       self.pieces.append((piece, _pool().submit(lambda p=program, a=args: p(*a)[:2])))
 
-  def take(self) -> np.ndarray:
-    """The merged leaf, in its shape and output dtype (after its finite check, if asked)."""
+  def take(self) -> list[np.ndarray]:
+    """The merged leaf of each output (one, or one per task), in its shape and output dtype,
+    after its finite check, if asked."""
     engine, path = self.engine, self.path
     shape = np.shape(engine.base[path])
-    out = np.empty(int(np.prod(shape, dtype=np.int64)), engine.output_dtype(path))
+    size = int(np.prod(shape, dtype=np.int64))
+    outs = [np.empty(size, engine.output_dtype(path)) for _ in range(engine.num_outputs)]
     reports = []
     for (start, length, _), future in self.pieces:
       merged, report = future.result()
-      out[start : start + length] = hosts.to_host(merged["x"])[:length]
+      for out, model in zip(outs, merged if engine.task_specific else [merged], strict=True):
+        out[start : start + length] = hosts.to_host(model["x"])[:length]
       reports.append(report)
-    out = out.reshape(shape)
+    outs = [out.reshape(shape) for out in outs]
     if engine.check:
       report = np.concatenate([np.ravel(hosts.to_host(r)) for r in reports])
-      check_outputs(path, engine.base, engine.experts, [{"x": out}], report)
-    return out
+      check_outputs(path, engine.base, engine.experts, [{"x": out} for out in outs], report)
+    return outs

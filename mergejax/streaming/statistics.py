@@ -109,9 +109,9 @@ def speculative_pass(engine: Any) -> None:
     )
     partials[path] = [np.float32(hosts.to_host(p)) for p in leaf_partials]
     relevant[path] = np.array([r is not None and bool(hosts.to_host(r)) for r in leaf_relevant])
-    if keep_outputs and (size := np.size(out["x"]) * np.dtype(out["x"].dtype).itemsize) <= room:
+    if keep_outputs and (size := sum(x.nbytes for x in jax.tree.leaves(out))) <= room:
       room -= size
-      kept[path] = (out["x"], report)
+      kept[path] = (out, report)
   signs = {j: _in_order(partials[p][j] for p in paths) for j in np.flatnonzero(sign)}
   wrong = np.array([j in signs and signs[j] < 0 for j in range(n)])
   redo = [p for p in paths if (relevant[p] & wrong).any()]
