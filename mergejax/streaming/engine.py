@@ -9,7 +9,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mergejax import lapack_threads, leafwise
@@ -140,7 +139,7 @@ class StreamingMerge:
     traced = dict(self.traced)
     if self.key is not None:
       traced["key"] = blocks.folded_keys(self, paths, rows)
-    return base, experts, stats, traced, [jnp.float32(v) for v in totals]
+    return base, experts, stats, traced, [np.float32(v) for v in totals]
 
   def _fn(self):
     if self.rule.stream_stats is not None:

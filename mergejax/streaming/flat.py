@@ -19,7 +19,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mergejax import leafwise
@@ -71,7 +70,7 @@ def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=None)
     traced["key"] = leafwise.FoldedKeys(blocks.folded_keys(engine, [path]).data, np.uint32(start))
   stats = engine._leaf_stats(path)
   totals = [0.0] * engine.num_totals if totals is None else totals
-  return base, experts, stats, traced, [jnp.float32(v) for v in totals]
+  return base, experts, stats, traced, [np.float32(v) for v in totals]
 
 
 def programs(engine: Any, path: str, mode: str) -> list[tuple[Any, tuple]]:
