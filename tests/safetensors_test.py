@@ -139,6 +139,40 @@ def test_writer_refuses_unknown_dtypes_before_writing(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+class _InPieces:
+  """A tensor given as 1-D pieces, as a `streaming.LazyLeaf` of a leaf merged in flat chunks."""
+
+  def __init__(self, array, cuts, dtype=None):
+    self.shape, self.dtype = array.shape, np.dtype(dtype or array.dtype)
+    self._pieces = np.split(array.reshape(-1), cuts)
+
+  def pieces(self):
+    return self._pieces
+
+
+def test_writer_writes_tensors_given_in_pieces(tmp_path):
+  a = np.arange(24, dtype=np.float32).reshape(4, 6)
+  b = np.arange(5, dtype=ml_dtypes.bfloat16)
+  path = tmp_path / "x.safetensors"
+  safetensors.write_safetensors(path, {"a": _InPieces(a, [5, 16]), "b": _InPieces(b, [])})
+  back = safetensors.read_safetensors(path)
+  np.testing.assert_array_equal(back["a"], a)
+  np.testing.assert_array_equal(back["b"], b)
+  assert back["b"].dtype == ml_dtypes.bfloat16
+
+
+def test_writer_refuses_pieces_unlike_the_header_and_leaves_nothing(tmp_path):
+  path = tmp_path / "x.safetensors"
+  short = _InPieces(np.zeros((2, 3), np.float32), [2])
+  short._pieces = short._pieces[:1]  # 2 of 6 entries.
+  with pytest.raises(ValueError, match="Tensor 'a' produced float32 \\(2,\\), not what"):
+    safetensors.write_safetensors(path, {"a": short})
+  wrong = _InPieces(np.zeros((2, 3), np.float32), [3], dtype=np.int32)
+  with pytest.raises(ValueError, match="Tensor 'w' produced float32 \\(3,\\), float32 \\(3,\\)"):
+    safetensors.write_safetensors(path, {"w": wrong})
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_lazy_file_reads_header_only(tmp_path):
   path = tmp_path / "m.safetensors"
   safetensors.write_safetensors(path, _tensors())

@@ -228,7 +228,8 @@ def write_safetensors(
     path: the destination file.
     tensors: `{name: array}` (numpy or jax); any dtype of `DTYPES`, bf16 via `ml_dtypes`. A
       value with `shape` and `dtype` is converted (`np.asarray`) only when its turn comes, in
-      `layout` order, so a producer can compute tensors as they are written.
+      `layout` order, so a producer can compute tensors as they are written; one with a
+      `pieces()` method (`streaming.LazyLeaf`) gives 1-D arrays written one after the other.
     metadata: more str -> str entries for the header's `__metadata__`.
     progress: called with the byte count of each tensor once written (e.g. a tqdm bar's update).
 
@@ -260,10 +261,14 @@ def write_safetensors(
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for name in order:
-      a = np.ascontiguousarray(np.asarray(arrays[name])).reshape(-1)  # One tensor at a time.
-      if a.nbytes != _nbytes(arrays[name]) or a.dtype != np.dtype(arrays[name].dtype):
-        raise ValueError(f"Tensor {name!r} produced {a.dtype} {a.shape}, not what its header says.")
-      f.write(memoryview(a.view(np.uint8)))
+      t, want = arrays[name], np.dtype(arrays[name].dtype)
+      parts = t.pieces() if hasattr(t, "pieces") else [np.asarray(t)]  # One tensor at a time.
+      parts = [np.ascontiguousarray(p).reshape(-1) for p in parts]
+      if sum(p.nbytes for p in parts) != _nbytes(t) or any(p.dtype != want for p in parts):
+        got = ", ".join(f"{p.dtype} {p.shape}" for p in parts)
+        raise ValueError(f"Tensor {name!r} produced {got}, not what its header says.")
+      for p in parts:
+        f.write(memoryview(p.view(np.uint8)))
       if progress is not None:
-        progress(a.nbytes)
+        progress(_nbytes(t))
   return 8 + len(blob) + offset

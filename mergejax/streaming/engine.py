@@ -326,6 +326,16 @@ class StreamingMerge:
 
   def leaf(self, path: str, task: int = 0) -> np.ndarray:
     """Output `task`'s leaf `path` as a NumPy array (computing its group if needed)."""
+    out = self._take(path, task)
+    return out.assemble() if isinstance(out, flat.Chunked) else out
+
+  def leaf_pieces(self, path: str, task: int = 0) -> list[np.ndarray]:
+    """Output `task`'s leaf `path` as 1-D arrays whose concatenation is the flattened leaf (a
+    leaf merged in flat chunks: its chunks, not copied into one array)."""
+    out = self._take(path, task)
+    return out.chunks if isinstance(out, flat.Chunked) else [np.reshape(out, -1)]
+
+  def _take(self, path: str, task: int):
     if path not in self.index:
       return self._unmerged(path)
     if (path, task) not in self._cache:

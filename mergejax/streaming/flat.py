@@ -118,21 +118,38 @@ class Pending:
       program = engine._executable_of("apply", args)
       self.pieces.append((piece, _pool().submit(lambda p=program, a=args: p(*a)[:2])))
 
-  def take(self) -> list[np.ndarray]:
-    """The merged leaf of each output (one, or one per task), in its shape and output dtype,
-    after its finite check, if asked."""
+  def take(self) -> list[Chunked]:
+    """The merged leaf of each output (one, or one per task) as its chunks, after the leaf's
+    finite check, if asked."""
     engine, path = self.engine, self.path
     shape = np.shape(engine.base[path])
-    size = int(np.prod(shape, dtype=np.int64))
-    outs = [np.empty(size, engine.output_dtype(path)) for _ in range(engine.num_outputs)]
+    outs = [Chunked(shape, []) for _ in range(engine.num_outputs)]
     reports = []
-    for (start, length, _), future in self.pieces:
+    for (_, length, _), future in self.pieces:
       merged, report = future.result()
       for out, model in zip(outs, merged if engine.task_specific else [merged], strict=True):
-        out[start : start + length] = hosts.to_host(model["x"])[:length]
+        out.chunks.append(hosts.to_host(model["x"])[:length])
       reports.append(report)
-    outs = [out.reshape(shape) for out in outs]
     if engine.check:
       report = np.concatenate([np.ravel(hosts.to_host(r)) for r in reports])
-      check_outputs(path, engine.base, engine.experts, [{"x": out} for out in outs], report)
+      models = [{"x": out.assemble()} for out in outs] if not np.isfinite(report).all() else []
+      check_outputs(path, engine.base, engine.experts, models, report)
     return outs
+
+
+class Chunked:
+  """An output leaf as its chunks' results (1-D, in order, padding cut off): a writer writes them
+  one after the other (`pieces`), and `assemble` copies them into the leaf only where an array is
+  asked for (copying 8 task models' chunks had cost TALL masks 0.7 s of a 2.3 s merge).
+
+  Args:
+    shape: the leaf's shape.
+    chunks: its flattened entries, chunk by chunk.
+  """
+
+  def __init__(self, shape, chunks: list[np.ndarray]):
+    self.shape, self.chunks = tuple(shape), chunks
+
+  def assemble(self) -> np.ndarray:
+    """The leaf as one array of its shape."""
+    return np.concatenate(self.chunks).reshape(self.shape)

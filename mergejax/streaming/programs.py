@@ -73,6 +73,10 @@ class LazyLeaf:
     out = self._engine.leaf(self.path, self.task)
     return out if dtype is None else out.astype(dtype)
 
+  def pieces(self) -> list[np.ndarray]:
+    """The flattened values as 1-D arrays to write one after the other (computed now)."""
+    return self._engine.leaf_pieces(self.path, self.task)
+
 
 def _copied_bytes(args) -> int:
   """Bytes of a program's arguments that XLA copies in: on CPU it reads a C-contiguous NumPy
