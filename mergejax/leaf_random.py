@@ -140,9 +140,11 @@ def uniform_from_key_data(
   return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
-def _map_with_uniforms(vectors: Sequence[Params], key: jax.Array, fn) -> list[Params]:
-  """Returns, per vector, the tree of `fn(leaf, uniforms shaped like leaf)`, one key per
-  (expert, leaf path)."""
+def _map_with_uniforms(
+  vectors: Sequence[Params], key: jax.Array, fn, extras: Sequence[Params] | None = None
+) -> list[Params]:
+  """Returns, per vector, the tree of `fn(leaf, uniforms shaped like leaf)` (with `extras`, one
+  tree per vector: `fn(leaf, uniforms, that tree's leaf)`), one key per (expert, leaf path)."""
   offset = None
   if isinstance(key, leafwise.FoldedKeys):  # The streaming engine's per-leaf calls.
     data, offset = key.data, key.offset
@@ -152,6 +154,10 @@ def _map_with_uniforms(vectors: Sequence[Params], key: jax.Array, fn) -> list[Pa
   out = []
   for t, vector in enumerate(vectors):
     leaves, treedef = jax.tree.flatten(vector)
-    new = [fn(x, uniform_from_key_data(data[t, i], x.shape, offset)) for i, x in enumerate(leaves)]
+    more = [[]] * len(leaves) if extras is None else [[e] for e in treedef.flatten_up_to(extras[t])]
+    new = [
+      fn(x, uniform_from_key_data(data[t, i], x.shape, offset), *more[i])
+      for i, x in enumerate(leaves)
+    ]
     out.append(jax.tree.unflatten(treedef, new))
   return out

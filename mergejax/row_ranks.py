@@ -35,24 +35,32 @@ def ranks_per_row(x: jax.Array) -> jax.Array:
   Returns:
     float32 ranks of the shape of `x`.
   """
-  magnitude = jnp.abs(x.astype(jnp.float32))
+  return ranks_per_row_many([x])[0]
 
-  def on_device(a):
-    return jnp.argsort(jnp.argsort(a, axis=-1), axis=-1).astype(jnp.float32)
 
-  def on_host(a):
-    return host_call.host_call(_host_ranks, [jax.ShapeDtypeStruct(a.shape, jnp.float32)], a)[0]
+def ranks_per_row_many(xs: Sequence[jax.Array]) -> list[jax.Array]:
+  """`ranks_per_row` of each array of `xs` (any shapes), in one host call on CPU whose blocks of
+  rows run on every core: DELLA ranks every expert's leaf, and a call per expert ran them one
+  after the other (8 x 1536 x 384 entries: 79 -> 44 ms on 2 cores).
+
+  Args:
+    xs: arrays [..., m] (m may differ between them), NaN-free.
+
+  Returns:
+    float32 ranks, one array per input, of its shape.
+  """
+  magnitudes = [jnp.abs(x.astype(jnp.float32)) for x in xs]
+
+  def on_device(*arrays):
+    return [jnp.argsort(jnp.argsort(a, axis=-1), axis=-1).astype(jnp.float32) for a in arrays]
+
+  def on_host(*arrays):
+    shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in arrays]
+    return host_call.host_call(_host_ranks, shapes, *arrays)
 
   if not selection.on_host_allowed():
-    return on_device(magnitude)
-  return host_call.on_cpu_or(magnitude, cpu=on_host, default=on_device)
-
-
-def _in_blocks(rows: np.ndarray, work) -> None:
-  """Runs `work(start, stop)` over blocks of ~_RANK_BLOCK entries of `rows` [r, m]."""
-  step = max(1, _RANK_BLOCK // max(rows.shape[-1], 1))
-  starts = range(0, rows.shape[0], step)
-  _run(work, [(s, min(s + step, rows.shape[0])) for s in starts])
+    return on_device(*magnitudes)
+  return list(host_call.on_cpu_or(*magnitudes, cpu=on_host, default=on_device))
 
 
 def _run(work, tasks) -> None:
@@ -66,22 +74,25 @@ def _run(work, tasks) -> None:
       done.result()
 
 
-def _host_ranks(outputs, a) -> None:
-  m = a.shape[-1]
-  rows = a.reshape(-1, m)
-  out = _reshaped(outputs[0], rows.shape)
-  index, positions = np.arange(m, dtype=np.uint64), np.arange(m, dtype=np.float32)[None]
-
-  def work(start, stop):
+def _host_ranks(outputs, *arrays) -> None:
+  def work(rows, out, start, stop):
+    m = rows.shape[-1]
     # Non-negative float32 bit patterns order as the values; the index breaks ties (stable).
     keys = rows[start:stop].view(np.uint32).astype(np.uint64)
     keys <<= np.uint64(32)
-    keys |= index
+    keys |= np.arange(m, dtype=np.uint64)
     keys.sort(axis=-1)
     order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
-    np.put_along_axis(out[start:stop], order, positions, axis=-1)
+    np.put_along_axis(out[start:stop], order, np.arange(m, dtype=np.float32)[None], axis=-1)
 
-  _in_blocks(rows, work)
+  tasks = []
+  for a, buffer in zip(arrays, outputs, strict=True):
+    m = a.shape[-1] if a.ndim else 1
+    rows = a.reshape(-1, m)
+    out = _reshaped(buffer, rows.shape)
+    step = max(1, _RANK_BLOCK // max(m, 1))  # Blocks of ~_RANK_BLOCK entries.
+    tasks += [(rows, out, s, min(s + step, rows.shape[0])) for s in range(0, rows.shape[0], step)]
+  _run(work, tasks)
 
 
 def _reshaped(buffer: np.ndarray, shape) -> np.ndarray:

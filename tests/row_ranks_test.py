@@ -25,6 +25,19 @@ def test_host_ranks_equal_stable_double_argsort(shape, monkeypatch):
   np.testing.assert_array_equal(np.sort(np.asarray(got).reshape(-1, m), -1)[0], np.arange(m))
 
 
+def test_many_arrays_ranked_in_one_host_call_equal_each_ranked_alone(monkeypatch):
+  rng = np.random.default_rng(3)
+  shapes = [(5, 9), (7,), (3, 4, 6), (5, 9)]  # Row lengths 9, 7, 6: blocks of rows per array.
+  xs = [(rng.integers(-3, 4, s) / 2).astype(np.float32) for s in shapes]
+  monkeypatch.setattr(row_ranks, "_RANK_BLOCK", 12)
+  lowered = jax.jit(lambda *a: row_ranks.ranks_per_row_many(a)).lower(*xs).as_text()
+  assert lowered.count("python_cpu_callback(") == 1  # One host call (buffer or pure callback).
+  got = jax.jit(lambda *a: row_ranks.ranks_per_row_many(a))(*xs)
+  assert [g.shape for g in got] == shapes
+  for g, x in zip(got, xs, strict=True):
+    np.testing.assert_array_equal(g, _device_ranks(x))
+
+
 def test_split_programs_rank_on_the_device():
   x = np.random.default_rng(0).standard_normal((4, 33)).astype(np.float32)
   # Fresh functions: jit's trace cache does not see the thread-local switch.
