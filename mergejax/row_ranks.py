@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -14,7 +15,8 @@ import numpy as np
 
 from mergejax import host_call, selection
 
-_RANK_BLOCK = 1 << 20  # Entries per host sort step (~20 bytes of scratch each).
+_LOW_WORD = 0 if sys.byteorder == "little" else 1  # Of a uint64 viewed as two uint32.
+_RANK_BLOCK = 1 << 18  # Entries per host sort step: 2 MB of keys, sorted while in cache.
 # Entries per step of the host k-th largest: 1 MB of float32 scratch, sorted while in cache (8
 # experts x 512 x 8192 bf16, 2 threads: 0.14 s per 134M entries in blocks of 2^18, 0.22 s in
 # NumPy's sorts of 2^20-entry copies).
@@ -41,7 +43,8 @@ def ranks_per_row(x: jax.Array) -> jax.Array:
 def ranks_per_row_many(xs: Sequence[jax.Array]) -> list[jax.Array]:
   """`ranks_per_row` of each array of `xs` (any shapes), in one host call on CPU whose blocks of
   rows run on every core: DELLA ranks every expert's leaf, and a call per expert ran them one
-  after the other (8 x 1536 x 384 entries: 79 -> 44 ms on 2 cores).
+  after the other (8 x 1536 x 384 entries, 2 cores: 79 ms; 35 ms with blocks of 2^18 entries
+  and the indices scattered through flat offsets).
 
   Args:
     xs: arrays [..., m] (m may differ between them), NaN-free.
@@ -82,8 +85,12 @@ def _host_ranks(outputs, *arrays) -> None:
     keys <<= np.uint64(32)
     keys |= np.arange(m, dtype=np.uint64)
     keys.sort(axis=-1)
-    order = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
-    np.put_along_axis(out[start:stop], order, np.arange(m, dtype=np.float32)[None], axis=-1)
+    # The sorted keys' low words are the indices; scattered through flat offsets (one pass each,
+    # where masking, converting and np.put_along_axis took 2.2x as long).
+    order = keys.view(np.uint32)[:, _LOW_WORD::2].astype(np.intp)
+    order += np.arange(0, (stop - start) * m, m, dtype=np.intp)[:, None]
+    positions = np.broadcast_to(np.arange(m, dtype=np.float32), order.shape)
+    out[start:stop].reshape(-1)[order.reshape(-1)] = positions.reshape(-1)
 
   tasks = []
   for a, buffer in zip(arrays, outputs, strict=True):
