@@ -71,13 +71,22 @@ def key_of(engine: Any, mode: str, args) -> tuple:
   return key + (engine.layout,)
 
 
+def tracing(engine: Any) -> contextlib.AbstractContextManager[None]:
+  """Where the engine traces its rule (its programs, and the probes that count its sums and
+  check it is leaf-local): for the CPU alone (`host_call.lowering_for_cpu`: host branches only)
+  when its programs run on one CPU device. Tracing both branches of Breadcrumbs' selections
+  took 0.17 of the 0.27 s of its probes."""
+  if engine.layout is None and jax.default_backend() == "cpu":
+    return host_call.lowering_for_cpu()
+  return contextlib.nullcontext()
+
+
 def compile_program(engine: Any, mode: str, args) -> Any:
   """The engine's program in `mode`, compiled for the shapes and dtypes of `args`."""
   fn, with_stats = engine._fn()
   program = _program(fn, engine.static, with_stats, engine.check, mode, engine.out_dtype)
   if engine.layout is None:
-    on_cpu = jax.default_backend() == "cpu"
-    with host_call.lowering_for_cpu() if on_cpu else contextlib.nullcontext():
+    with tracing(engine):
       lowered = jax.jit(program).lower(*_abstract(args))
     return lowered.compile()
   # Split over the mesh; compiled for these shapes (mode chosen per program).

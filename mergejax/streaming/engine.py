@@ -158,7 +158,8 @@ class StreamingMerge:
     program = _program(fn, self.static, False, False, "apply", None)
     args = self._args(paths, None, [0.0] * self.num_totals)
     try:
-      deps = _dependencies(lambda *a: program(*a)[0], args)
+      with compiling.tracing(self):
+        deps = _dependencies(lambda *a: program(*a)[0], args)
     except TypeError as e:  # E.g. a random rule using its key other than through sparsify.
       return f"{self.rule.name} cannot run on one leaf at a time ({e})"
     n_in = len(jax.tree.leaves(args[:2]))
@@ -182,7 +183,7 @@ class StreamingMerge:
   def _count_totals(self, paths, stats) -> int:
     """How many whole-model sums the rule takes (the same on every leaf)."""
     fn, with_stats = self._fn()
-    with leafwise.recording() as ctx:
+    with leafwise.recording() as ctx, compiling.tracing(self):
       base, experts, stats, traced, _ = self._args(paths, stats)
       args = (base, experts, stats) if with_stats else (base, experts)
       jax.eval_shape(lambda a, t: fn(*a, **self.static, **t), args, traced)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from mergejax.distributed import hosts
+from mergejax.streaming import compiling
 from mergejax.streaming.programs import _dependencies, _program
 
 
@@ -59,7 +60,8 @@ def needs_of_totals(engine: Any) -> list[set[int]]:
   args = engine._args([path], engine._leaf_stats(path), [0.0] * engine.num_totals)
   n_in = len(jax.tree.leaves(args))
   total_inputs = list(range(n_in - engine.num_totals, n_in))
-  deps = _dependencies(program, args)[: engine.num_totals]  # The partials (then the flags).
+  with compiling.tracing(engine):
+    deps = _dependencies(program, args)[: engine.num_totals]  # The partials (then the flags).
   return [{total_inputs.index(i) for i in d if i in total_inputs} for d in deps]
 
 
