@@ -2,11 +2,13 @@
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -530,3 +532,17 @@ def test_streaming_top_k_equals_the_host_selection(k, how, monkeypatch):
   want = selection.top_k_stats_eager(experts, [k, k], origins=[base, base])
   for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_readme_notebook_example_gives_rules_merge_task_models():
+  text = (ROOT / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+  (block,) = [textwrap.dedent(b) for b in blocks if 'StreamingMerge("emr"' in b]
+  base, experts = _models()
+  base, experts = tree_lib.unflatten(base), [tree_lib.unflatten(e) for e in experts]
+  namespace = {"base": base, "experts": experts}
+  exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the README's example)
+  expected = rules.task_models(rules.merge("emr", base, experts), base, len(experts))
+  assert len(namespace["models"]) == len(expected) == 3
+  for got, want in zip(namespace["models"], expected, strict=True):
+    chex.assert_trees_all_equal(got, jax.tree.map(np.asarray, want))

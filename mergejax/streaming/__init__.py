@@ -27,9 +27,10 @@ holding more than a budget of working memory, and gives the same bits as `rules.
   leaves; if an output leaf depends on another leaf's inputs other than through `leafwise.total`,
   the rule cannot stream and the engine says so (`StreamingMerge.reason`) and merges in memory.
 
-Outputs are pulled leaf by leaf (`lazy_outputs`: array-likes that compute on `np.asarray`), so any
-writer streams them; `mergejax.run` writes them into shards as they complete, under the run's one
-commit point.
+Outputs are pulled leaf by leaf (`lazy_outputs`: array-likes that compute on `np.asarray`; a leaf
+merged in flat chunks also comes as its chunks, `LazyLeaf.pieces`, which the safetensors writer
+writes one after the other), so any writer streams them; `mergejax.run` writes them into shards as
+they complete, under the run's one commit point.
 
 With `mesh=`, each group's leaves are split over the devices (and hosts) of a mesh and every
 per-leaf program runs SPMD with the single-device bits (`mergejax.distributed.spmd`): partitioned,
