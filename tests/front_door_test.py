@@ -1,12 +1,14 @@
 """`rules.merge` as a hostile user meets it: patterns, non-float leaves, hyper-parameter types,
 NaN/Inf in the inputs and in the result (issue 11, items 1-3 and 7)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from mergejax import rules
 from mergejax import tree as tree_lib
+from mergejax.rules import front_door
 
 
 def _models():
@@ -116,6 +118,28 @@ class FiniteTest(parameterized.TestCase):
     experts[1]["body"]["w"] = experts[1]["body"]["w"].at[1].set(jnp.inf)
     with self.assertRaisesRegex(ValueError, r"Leaf 'body/w' of experts\[1\] holds 1 NaN/Inf"):
       rules.merge(rule, base, experts, **rules.add_key(rule, {}, 0))
+
+  @parameterized.parameters("task_arithmetic", "ties", "dare", "magmax", "tall_masks", "emr")
+  def test_a_nan_in_a_large_leaf_names_the_leaf_and_the_expert(self, rule):
+    # XLA on the CPU drops NaNs from max reductions of a few thousand entries or more: the
+    # fused check counts a NaN as +inf before it takes the maximum (8192 and 100000 entries).
+    rng = np.random.default_rng(0)
+    base = {"w": rng.standard_normal((64, 128)), "b": rng.standard_normal(100_000)}
+    base = {k: v.astype(np.float32) for k, v in base.items()}
+    experts = [{k: v + np.float32(0.01 * (t + 1)) for k, v in base.items()} for t in range(3)]
+    for leaf, index in (("w", (40, 100)), ("b", 77_777)):
+      bad = [dict(e) for e in experts]
+      bad[2][leaf] = bad[2][leaf].copy()
+      bad[2][leaf][index] = np.nan
+      with self.assertRaisesRegex(ValueError, rf"Leaf '{leaf}' of experts\[2\] holds 1 NaN/Inf"):
+        rules.merge(rule, base, bad, **rules.add_key(rule, {}, 0))
+
+  def test_the_fused_maximum_counts_a_nan_as_inf(self):
+    x = np.ones(10_000, np.float32)
+    x[5000] = np.nan
+    report = jax.jit(front_door._max_abs)({"x": x, "y": -2 * x[4995:5005]})
+    np.testing.assert_array_equal(report, [np.inf, np.inf])
+    np.testing.assert_array_equal(jax.jit(front_door._max_abs)({"z": -np.arange(9e3)}), [8999.0])
 
   def test_unmerged_leaves_are_checked_too(self):
     base, experts = _models()

@@ -406,6 +406,20 @@ def test_a_nan_names_the_leaf_and_the_expert():
     [engine.leaf(p) for p in base]
 
 
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "tall_masks", "emr", "breadcrumbs"])
+def test_a_nan_in_a_large_leaf_is_caught_in_chunks_and_whole_leaves(name):
+  # 8192 entries: flat chunks for the elementwise rules, a whole leaf for Breadcrumbs (XLA on the
+  # CPU drops NaNs from max reductions that large; the fused check counts them as +inf).
+  base, experts = _models(shapes={"w": (64, 128), "b": (300,)})
+  experts[1]["w"] = experts[1]["w"].copy()
+  experts[1]["w"][40, 100] = np.nan
+  hparams = rules.add_key(name, {}, 3)
+  engine = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  assert ("w" in engine.flat_paths) == (name != "breadcrumbs")
+  with pytest.raises(ValueError, match=r"Leaf 'w' of experts\[1\] holds 1 NaN"):
+    [engine.leaf(p, t) for t in range(engine.num_outputs) for p in base]
+
+
 # ------------------------------------------------------------------------------ from disk
 def _hf_models(tmp_path, n=3):
   base, experts = _models(

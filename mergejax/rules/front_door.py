@@ -39,14 +39,20 @@ _CACHE_SIZE = 64  # Compiled merges kept (per rule, static options, pre-pass and
 
 # ------------------------------------------------------------------------------ finite checks
 def _max_abs(tree: Any) -> jax.Array:
-  """Each floating leaf's largest |entry| (NaN if it holds a NaN), stacked in leaf order."""
+  """Each floating leaf's largest |entry| (+inf if it holds a NaN or an Inf), stacked in leaf
+  order."""
   leaves = [x for x in jax.tree.leaves(tree) if tree_lib.is_float(x)]
   if not leaves:
     return jnp.zeros((0,), jnp.float32)
-  # An empty leaf (TSV-C keeps no triplet of a [1, n] matrix) has nothing to check: 0.
-  return jnp.stack(
-    [jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0) for x in leaves]
-  )
+
+  def one(x):
+    if not x.size:  # An empty leaf (TSV-C keeps no triplet of a [1, n] matrix): nothing, 0.
+      return jnp.float32(0)
+    # A NaN counts as +inf: XLA on the CPU (jax 0.10) drops NaNs from a max reduction of a few
+    # thousand entries or more (its vectorized max), and a NaN input merged silently.
+    return jnp.max(jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))).astype(jnp.float32)
+
+  return jnp.stack([one(x) for x in leaves])
 
 
 def _poison(merged: Params, base: Params, experts: Sequence[Params]) -> Params:
