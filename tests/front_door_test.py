@@ -122,7 +122,7 @@ class FiniteTest(parameterized.TestCase):
   @parameterized.parameters(*sorted(n for n, r in rules.REGISTRY.items() if not r.data_dependent))
   def test_a_nan_in_a_large_leaf_names_the_leaf_and_the_expert(self, rule):
     # XLA on the CPU drops NaNs from max reductions of a few thousand entries or more: the
-    # fused check counts a NaN as +inf before it takes the maximum (8192 and 100000 entries).
+    # fused check sums 0 · x instead (8192 and 100000 entries).
     rng = np.random.default_rng(0)
     base = {"w": rng.standard_normal((64, 128)), "b": rng.standard_normal(100_000)}
     base = {k: v.astype(np.float32) for k, v in base.items()}
@@ -136,12 +136,15 @@ class FiniteTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, rf"Leaf '{leaf}' of experts\[{last}\] holds 1 NaN"):
         rules.merge(rule, base, bad, **rules.add_key(rule, {}, 0))
 
-  def test_the_fused_maximum_counts_a_nan_as_inf(self):
+  def test_the_fused_report_flags_nan_and_inf_in_large_leaves(self):
     x = np.ones(10_000, np.float32)
     x[5000] = np.nan
-    report = jax.jit(front_door._max_abs)({"x": x, "y": -2 * x[4995:5005]})
-    np.testing.assert_array_equal(report, [np.inf, np.inf])
-    np.testing.assert_array_equal(jax.jit(front_door._max_abs)({"z": -np.arange(9e3)}), [8999.0])
+    y = np.full(9000, -3.0, np.float32)
+    y[8000] = -np.inf
+    report = jax.jit(front_door._finite_report)({"x": x, "y": y, "z": -np.arange(9e3)})
+    np.testing.assert_array_equal(report, [np.nan, np.nan, 0.0])
+    empty = jax.jit(front_door._finite_report)({"e": np.zeros((1, 0), np.float32)})
+    np.testing.assert_array_equal(empty, [0.0])
 
   def test_unmerged_leaves_are_checked_too(self):
     base, experts = _models()

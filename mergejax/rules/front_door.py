@@ -38,21 +38,19 @@ _CACHE_SIZE = 64  # Compiled merges kept (per rule, static options, pre-pass and
 
 
 # ------------------------------------------------------------------------------ finite checks
-def _max_abs(tree: Any) -> jax.Array:
-  """Each floating leaf's largest |entry| (+inf if it holds a NaN or an Inf), stacked in leaf
-  order."""
+def _finite_report(tree: Any) -> jax.Array:
+  """Per floating leaf, in leaf order: 0 if every entry is finite, else NaN (the sum of 0 · x:
+  0 · ±Inf is NaN, and a sum carries a NaN through).
+
+  Not a maximum of |x|: XLA on the CPU (jax 0.10) drops NaNs from max reductions of a few
+  thousand entries or more (its vectorized max), and a NaN input merged silently. Counting a NaN
+  as +inf before the maximum took twice the time (16.7M bf16 entries: 43 against 22 ms); the sum
+  takes what the maximum did (21 ms; float32: 40 against 44 ms).
+  """
   leaves = [x for x in jax.tree.leaves(tree) if tree_lib.is_float(x)]
   if not leaves:
     return jnp.zeros((0,), jnp.float32)
-
-  def one(x):
-    if not x.size:  # An empty leaf (TSV-C keeps no triplet of a [1, n] matrix): nothing, 0.
-      return jnp.float32(0)
-    # A NaN counts as +inf: XLA on the CPU (jax 0.10) drops NaNs from a max reduction of a few
-    # thousand entries or more (its vectorized max), and a NaN input merged silently.
-    return jnp.max(jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))).astype(jnp.float32)
-
-  return jnp.stack([one(x) for x in leaves])
+  return jnp.stack([jnp.sum(x.astype(jnp.float32) * 0.0) for x in leaves])
 
 
 def _poison(merged: Params, base: Params, experts: Sequence[Params]) -> Params:
@@ -124,18 +122,18 @@ def _checked(fn: Callable[..., Any], static: dict, with_stats: bool, check: bool
       return merged, None
     if jax.tree.structure(merged) == jax.tree.structure(base):
       merged = _poison(merged, base, experts)
-      return merged, (_max_abs(merged), None)
+      return merged, (_finite_report(merged), None)
     # A task-specific result (EMR, TALL masks) is not shaped like the inputs: check them here.
-    return merged, (_max_abs(merged), [_max_abs(t) for t in (base, *experts)])
+    return merged, (_finite_report(merged), [_finite_report(t) for t in (base, *experts)])
 
   return run
 
 
 def _raise_non_finite(merged: Any, report: Any, base: Params, experts: Sequence[Params]) -> None:
   """Host side of the checks: nothing to do unless a maximum is not finite."""
-  out_max, in_max = jax.device_get(report)
-  inputs_bad = in_max is not None and not all(np.isfinite(m).all() for m in in_max)
-  if np.isfinite(out_max).all() and not inputs_bad:
+  out_flags, in_flags = jax.device_get(report)
+  inputs_bad = in_flags is not None and not all(np.isfinite(f).all() for f in in_flags)
+  if np.isfinite(out_flags).all() and not inputs_bad:
     return
   # Name the input first (a NaN in, a NaN out), then the output leaf that overflowed.
   _check_inputs(base, experts)
