@@ -122,7 +122,7 @@ class FiniteTest(parameterized.TestCase):
   @parameterized.parameters(*sorted(n for n, r in rules.REGISTRY.items() if not r.data_dependent))
   def test_a_nan_in_a_large_leaf_names_the_leaf_and_the_expert(self, rule):
     # XLA on the CPU drops NaNs from max reductions of a few thousand entries or more: the
-    # fused check sums 0 · x instead (8192 and 100000 entries).
+    # fused check reduces isfinite instead (8192 and 100000 entries).
     rng = np.random.default_rng(0)
     base = {"w": rng.standard_normal((64, 128)), "b": rng.standard_normal(100_000)}
     base = {k: v.astype(np.float32) for k, v in base.items()}

@@ -411,7 +411,7 @@ def test_a_nan_names_the_leaf_and_the_expert():
 )
 def test_a_nan_in_a_large_leaf_is_caught_in_chunks_and_whole_leaves(name):
   # 8192 entries: flat chunks for the elementwise rules, whole leaves for the others (XLA on the
-  # CPU drops NaNs from max reductions that large; the fused check sums 0 · x instead).
+  # CPU drops NaNs from max reductions that large; the fused check reduces isfinite instead).
   base, experts = _models(shapes={"w": (64, 128), "b": (300,)})
   experts = experts[:2] if name == "slerp" else experts
   experts[1]["w"] = experts[1]["w"].copy()
