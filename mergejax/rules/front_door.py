@@ -44,8 +44,9 @@ def _finite_report(tree: Any) -> jax.Array:
   Not a maximum of |x|: XLA on the CPU (jax 0.10) drops NaNs from max reductions of a few
   thousand entries or more (its vectorized max), and a NaN input merged silently. A boolean
   reduction of `isfinite` is exact in any order, so a program split over devices keeps its
-  partitioned mode (a sum of 0 · x, as fast, is not). 16.7M entries: bf16 29 ms, float32 46 ms,
-  against the maximum's 22 and 44 ms; counting a NaN as +inf before the maximum took 43 and 64.
+  partitioned mode (a sum of 0 · x, as fast, is not). Jitted alone on 16.7M entries (mean of 10
+  calls after the first): bf16 29 ms, float32 46 ms, against the maximum's 22 and 44 ms;
+  counting a NaN as +inf before the maximum took 43 and 64.
   """
   leaves = [x for x in jax.tree.leaves(tree) if tree_lib.is_float(x)]
   if not leaves:
@@ -130,7 +131,7 @@ def _checked(fn: Callable[..., Any], static: dict, with_stats: bool, check: bool
 
 
 def _raise_non_finite(merged: Any, report: Any, base: Params, experts: Sequence[Params]) -> None:
-  """Host side of the checks: nothing to do unless a maximum is not finite."""
+  """Host side of the checks: nothing to do unless a leaf's flag (`_finite_report`) is NaN."""
   out_flags, in_flags = jax.device_get(report)
   inputs_bad = in_flags is not None and not all(np.isfinite(f).all() for f in in_flags)
   if np.isfinite(out_flags).all() and not inputs_bad:

@@ -86,8 +86,8 @@ def programs(engine: Any, path: str, mode: str) -> list[tuple[Any, tuple]]:
 def working_set(engine: Any, path: str) -> int:
   """Bytes the leaf's merge holds: every chunk's output and temporaries (all are dispatched
   before the first is taken) and the inputs XLA copies in, the padded chunk's inputs (our
-  copies, which XLA may copy again: counted twice) and the output leaves the chunks fill (one
-  per task of a task-specific rule)."""
+  copies, which XLA may copy again: counted twice) and the output leaves (one per task of a
+  task-specific rule) that `Chunked.assemble` makes where an array is asked for."""
   n = int(np.size(engine.base[path]))
   total = n * engine.output_dtype(path).itemsize * engine.num_outputs
   for piece in leafwise.flat_pieces(n):
