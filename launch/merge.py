@@ -20,7 +20,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mergejax import run
+from mergejax import allocator, run
 from mergejax.distributed import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  allocator.keep_freed_memory()  # XLA's per-leaf buffers reused, not faulted in afresh.
   hosts.initialize(_CONFIG.value.get("distributed"))  # Before any other JAX call.
   record = run.merge_from_disk(_CONFIG.value, _WORKDIR.value)
   if not hosts.is_primary():

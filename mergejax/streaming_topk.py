@@ -244,24 +244,29 @@ class StreamingTopK:
 
   def finalize(self) -> TopKStats | None:
     """After pass 2: the `TopKStats` of every group ([G] float32); None if a sampled band missed
-    a group's k-th largest magnitude."""
-    out = []
-    for g, k in enumerate(self.ks):
-      candidates = np.concatenate([np.zeros(0, np.float32), *self.candidates[g]])
-      rank = k - int(self.above[g])  # The k-th largest's rank inside the band.
-      if candidates.size < rank <= candidates.size + self.zeros[g]:
-        threshold, kept = np.float32(0.0), candidates  # The k-th largest is an exact zero.
-      elif not 1 <= rank <= candidates.size:
-        return None
-      else:
-        magnitude = np.abs(candidates)
-        index = candidates.size - rank
-        threshold = np.partition(magnitude, index)[index]
-        kept = candidates[magnitude >= threshold]
-      kept_sum = self.kept_sum[g] + np.sum(kept, dtype=np.float64)
-      kept_sign = self.kept_sign[g] + float(np.sum(np.sign(kept), dtype=np.float64))
-      out.append((threshold, kept_sum, kept_sign))
+    a group's k-th largest magnitude. The groups' partitions run in parallel threads."""
+    with concurrent.futures.ThreadPoolExecutor(selection.host_threads(len(self.ks))) as pool:
+      out = list(pool.map(self._finalize_group, range(len(self.ks))))
+    if any(r is None for r in out):
+      return None
     return TopKStats(*(jnp.asarray([r[i] for r in out], jnp.float32) for i in range(3)))
+
+  def _finalize_group(self, g: int) -> tuple[np.float32, float, float] | None:
+    candidates = np.concatenate([np.zeros(0, np.float32), *self.candidates[g]])
+    self.candidates[g] = []  # Freed as each group is done.
+    rank = self.ks[g] - int(self.above[g])  # The k-th largest's rank inside the band.
+    if candidates.size < rank <= candidates.size + self.zeros[g]:
+      threshold, kept = np.float32(0.0), candidates  # The k-th largest is an exact zero.
+    elif not 1 <= rank <= candidates.size:
+      return None
+    else:
+      magnitude = np.abs(candidates)
+      index = candidates.size - rank
+      threshold = np.partition(magnitude, index)[index]
+      kept = candidates[magnitude >= threshold]
+    kept_sum = self.kept_sum[g] + np.sum(kept, dtype=np.float64)
+    kept_sign = self.kept_sign[g] + float(np.sum(np.sign(kept), dtype=np.float64))
+    return threshold, kept_sum, kept_sign
 
 
 def _sliced_blocks(
