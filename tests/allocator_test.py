@@ -41,6 +41,6 @@ def test_freed_memory_is_reused_not_faulted_in_again():
 
 
 def test_is_idempotent():
-  code = "from mergejax import allocator; print(allocator.keep_freed_memory(), allocator.keep_freed_memory())"
+  code = "from mergejax import allocator as a; print(a.keep_freed_memory(), a.keep_freed_memory())"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.split() in (["True", "True"], ["False", "False"])
