@@ -14,6 +14,7 @@ starts 64-byte aligned: those tensors' views are aligned, which lets XLA on CPU 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from mergejax.io import atomic
+from mergejax.io import atomic, direct
 
 MAX_HEADER_BYTES = 100_000_000  # The safetensors library's limit.
 ALIGN = 64  # Bytes; what XLA's CPU client needs to alias a host buffer.
@@ -202,6 +203,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return {name: f[name] for name in f}
 
 
+_DIRECT_ABOVE = 16 << 20  # Files from this size are written with O_DIRECT.
+
+
 def layout(tensors: Mapping[str, Any]) -> list[str]:
   """The order `write_safetensors` writes `tensors` in (what a streaming producer follows)."""
   # Tensors whose size keeps the next one aligned come first, so each of them starts aligned.
@@ -210,6 +214,21 @@ def layout(tensors: Mapping[str, Any]) -> list[str]:
 
 def _nbytes(t: Any) -> int:
   return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize
+
+
+@contextlib.contextmanager
+def _writer(path: pathlib.Path, size: int) -> Iterator[Any]:
+  """The file to write: with O_DIRECT for large files (`direct.Writer`: 10x the page cache's
+  write-back speed on this project's VM), else a plain buffered file."""
+  if size < _DIRECT_ABOVE:
+    with open(path, "wb") as f:
+      yield f
+    return
+  f = direct.Writer(path)
+  try:
+    yield f
+  finally:
+    f.close()
 
 
 def write_safetensors(
@@ -257,7 +276,7 @@ def write_safetensors(
     offset += n
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-(8 + len(blob)) % ALIGN)  # Spaces pad the header, as the format allows.
-  with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
+  with atomic.atomic_file(path) as tmp, _writer(tmp, 8 + len(blob) + offset) as f:
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for name in order:
