@@ -4,9 +4,10 @@ glibc serves each large allocation (from 128 KB to 32 MB, by its adaptive thresh
 one above) with a fresh `mmap` and unmaps it when freed. XLA's CPU buffers for one leaf's program
 (outputs, temporaries, copies of unaligned inputs) are that large, so every leaf faulted in new
 pages that the kernel had to zero: 82K page faults per call of a TIES program on a 8192 x 2048
-bf16 leaf with 8 experts, 0.16 s a call against 0.06 s with the memory reused (1 fault). On the
-one-shot CLI's 22M x 8 fp32 workload that took EMR (8 task models per leaf) from 10.5-12.5 s to
-7.3-8.5 s wall; at full size `clear_page` took 23% of the CPU samples of a TIES merge.
+bf16 leaf with 8 experts, 0.16-0.24 s a call, against 0.06 s and 1 fault with the memory
+reused. On the one-shot CLI's 22M x 8 fp32 workload that took EMR (8 task models per leaf) from
+10.5-12.5 s to 7.3-8.5 s wall; at full size `clear_page` took 23% of the CPU samples of a TIES
+merge.
 
 `keep_freed_memory` turns that off for the process: allocations come from the heap, and freed
 memory is kept for the next one. The process then holds its peak working set until it exits,

@@ -244,7 +244,8 @@ class StreamingTopK:
 
   def finalize(self) -> TopKStats | None:
     """After pass 2: the `TopKStats` of every group ([G] float32); None if a sampled band missed
-    a group's k-th largest magnitude. The groups' partitions run in parallel threads."""
+    a group's k-th largest magnitude. The groups' partitions run in parallel threads; the
+    candidates are freed as they are used, so call it once."""
     with concurrent.futures.ThreadPoolExecutor(selection.host_threads(len(self.ks))) as pool:
       out = list(pool.map(self._finalize_group, range(len(self.ks))))
     if any(r is None for r in out):

@@ -10,8 +10,8 @@ it makes no difference (full-size task arithmetic, 2.5 GB written: 31.0 and 31.8
 
 Reading with O_DIRECT was measured too and is not used: reading the full-size benchmark's 22 GB
 that way took 19-21 s and 1 s of CPU against 31-33 s and 21.5 s buffered, and it took TIES's
-statistics pass from 55 to 32 s, but the merge pass after it then found nothing in the page cache
-and took 62-64 s instead of 18 s (98-102 s in all against 75 s).
+statistics pass from 55 to 30-34 s, but the merge pass after it then found nothing in the page
+cache and took 62-64 s instead of 14-18 s (TIES 97.9 s in all against 74.8 s, README).
 """
 
 from __future__ import annotations
