@@ -40,7 +40,7 @@ def ranks_per_row(x: jax.Array) -> jax.Array:
   return ranks_per_row_many([x])[0]
 
 
-def ranks_per_row_many(xs: Sequence[jax.Array]) -> list[jax.Array]:
+def ranks_per_row_many(xs: Sequence[jax.Array], *, spread: bool = False) -> list[jax.Array]:
   """`ranks_per_row` of each array of `xs` (any shapes), in one host call on CPU whose blocks of
   rows run on every core: DELLA ranks every expert's leaf, and a call per expert ran them one
   after the other (8 x 1536 x 384 entries, 2 cores: 79 ms; 35 ms with blocks of 2^18 entries
@@ -48,25 +48,52 @@ def ranks_per_row_many(xs: Sequence[jax.Array]) -> list[jax.Array]:
 
   Args:
     xs: arrays [..., m] (m may differ between them), NaN-free.
+    spread: return `rank_spread(ranks, m)` instead of the ranks (DELLA's).
 
   Returns:
-    float32 ranks, one array per input, of its shape.
+    float32 ranks (or spreads), one array per input, of its shape.
   """
   magnitudes = [jnp.abs(x.astype(jnp.float32)) for x in xs]
 
   def on_device(*arrays):
-    return [jnp.argsort(jnp.argsort(a, axis=-1), axis=-1).astype(jnp.float32) for a in arrays]
+    ranks = [jnp.argsort(jnp.argsort(a, axis=-1), axis=-1).astype(jnp.float32) for a in arrays]
+    if spread:
+      ranks = [
+        rank_spread(r, a.shape[-1] if a.ndim else 1) for r, a in zip(ranks, arrays, strict=True)
+      ]
+    return ranks
 
   def on_host(*arrays):
     shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in arrays]
-    return host_call.host_call(_host_ranks, shapes, *arrays)
+    return host_call.host_call(functools.partial(_host_ranks, spread=spread), shapes, *arrays)
 
   if not selection.on_host_allowed():
     return on_device(*magnitudes)
   return list(host_call.on_cpu_or(*magnitudes, cpu=on_host, default=on_device))
 
 
-def _run(work, tasks) -> None:
+def rank_spread(ranks, m: int):
+  """Ranks r of rows of m entries mapped onto [-1, 1]: (2r − (m − 1)) · float32(1 / (m − 1)), 0
+  where m = 1 (NumPy or jax arrays; in place for NumPy's).
+
+  The same bits from NumPy, from XLA on any backend and in any fusion: 2r − (m − 1) is an exact
+  integer, then one multiply. XLA turns a division by a scalar into a multiply by its reciprocal
+  (72 of 384 quotients r / 383 unlike NumPy's), and may fuse a multiply and an add into an FMA.
+  """
+  if isinstance(ranks, np.ndarray):
+    if m <= 1:
+      ranks[...] = 0.0
+      return ranks
+    ranks *= np.float32(2.0)
+    ranks -= np.float32(m - 1)
+    ranks *= np.float32(1.0) / np.float32(m - 1)
+    return ranks
+  if m <= 1:
+    return jnp.zeros_like(ranks)
+  return (ranks * np.float32(2.0) - np.float32(m - 1)) * (np.float32(1.0) / np.float32(m - 1))
+
+
+def run_tasks(work, tasks) -> None:
   """Runs `work(*task)` for each task, one thread per core (NumPy's sorts release the GIL; XLA
   waits on the callback meanwhile)."""
   if len(tasks) == 1:
@@ -77,20 +104,28 @@ def _run(work, tasks) -> None:
       done.result()
 
 
-def _host_ranks(outputs, *arrays) -> None:
+def rank_rows_into(rows: np.ndarray, out: np.ndarray) -> None:
+  """Writes the stable ranks of each row of `rows` (float32 [k, m], non-negative, C-contiguous)
+  into `out` (float32 [k, m], C-contiguous)."""
+  m = rows.shape[-1]
+  # Non-negative float32 bit patterns order as the values; the index breaks ties (stable).
+  keys = rows.view(np.uint32).astype(np.uint64)
+  keys <<= np.uint64(32)
+  keys |= np.arange(m, dtype=np.uint64)
+  keys.sort(axis=-1)
+  # The sorted keys' low words are the indices; scattered through flat offsets (one pass each,
+  # where masking, converting and np.put_along_axis took 2.2x as long).
+  order = keys.view(np.uint32)[:, _LOW_WORD::2].astype(np.intp)
+  order += np.arange(0, rows.shape[0] * m, m, dtype=np.intp)[:, None]
+  positions = np.broadcast_to(np.arange(m, dtype=np.float32), order.shape)
+  out.reshape(-1)[order.reshape(-1)] = positions.reshape(-1)
+
+
+def _host_ranks(outputs, *arrays, spread: bool = False) -> None:
   def work(rows, out, start, stop):
-    m = rows.shape[-1]
-    # Non-negative float32 bit patterns order as the values; the index breaks ties (stable).
-    keys = rows[start:stop].view(np.uint32).astype(np.uint64)
-    keys <<= np.uint64(32)
-    keys |= np.arange(m, dtype=np.uint64)
-    keys.sort(axis=-1)
-    # The sorted keys' low words are the indices; scattered through flat offsets (one pass each,
-    # where masking, converting and np.put_along_axis took 2.2x as long).
-    order = keys.view(np.uint32)[:, _LOW_WORD::2].astype(np.intp)
-    order += np.arange(0, (stop - start) * m, m, dtype=np.intp)[:, None]
-    positions = np.broadcast_to(np.arange(m, dtype=np.float32), order.shape)
-    out[start:stop].reshape(-1)[order.reshape(-1)] = positions.reshape(-1)
+    rank_rows_into(rows[start:stop], out[start:stop])
+    if spread:
+      rank_spread(out[start:stop], rows.shape[-1])
 
   tasks = []
   for a, buffer in zip(arrays, outputs, strict=True):
@@ -99,7 +134,7 @@ def _host_ranks(outputs, *arrays) -> None:
     out = _reshaped(buffer, rows.shape)
     step = max(1, _RANK_BLOCK // max(m, 1))  # Blocks of ~_RANK_BLOCK entries.
     tasks += [(rows, out, s, min(s + step, rows.shape[0])) for s in range(0, rows.shape[0], step)]
-  _run(work, tasks)
+  run_tasks(work, tasks)
 
 
 def _reshaped(buffer: np.ndarray, shape) -> np.ndarray:
@@ -173,4 +208,4 @@ def _host_kth(outputs, ks, *operands, with_origin: bool) -> None:
     tasks = [(0, n, [i]) for i in range(len(xs))]
   else:
     tasks = [(s, min(s + step, n), range(len(xs))) for s in range(0, n, step)]
-  _run(work, tasks)
+  run_tasks(work, tasks)

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mergejax import row_ranks, selection
+from mergejax import host_row_stats, row_ranks, selection
 from mergejax.leaf_random import _map_with_uniforms
 from mergejax.tree import Params, is_float
 
@@ -58,6 +59,7 @@ def breadcrumbs(
   layout: str = "flax",
   counting: str = "floor",
   inputs: tuple[Params, Sequence[Params]] | None = None,
+  masks: Sequence[Params] | None = None,
 ) -> list[Params]:
   """Model Breadcrumbs mask: drops the top-`gamma` outliers by |τ| and keeps the next
   `density` fraction, per row (each output neuron's fan-in) or per leaf; zeroes the rest.
@@ -86,6 +88,8 @@ def breadcrumbs(
     inputs: (base, experts) when `vectors` is `task_vectors(base, experts)`: the thresholds are
       then computed from the inputs as stored (on CPU: half the bytes of float32 |τ| for bf16
       checkpoints); the same masks.
+    masks: the masks if the caller has them (`breadcrumbs_leaf_masks`, one tree per vector,
+      nonzero where kept: the streaming engine computes them on the host); None computes them.
 
   Returns:
     The masked task vectors (no rescaling; Breadcrumbs scales the sum by α afterwards).
@@ -95,6 +99,9 @@ def breadcrumbs(
   vectors = list(vectors)
   if not vectors:
     return []
+  if masks is not None:
+    keep = lambda v, k: jnp.where(k != 0, v, 0.0)  # noqa: E731
+    return [jax.tree.map(keep, v, k) for v, k in zip(vectors, masks, strict=True)]
 
   def mask_leaf(leaves, source):
     x = leaves[0]
@@ -137,6 +144,84 @@ def breadcrumbs(
   return [structure.unflatten(list(column)) for column in zip(*per_leaf, strict=True)]
 
 
+def breadcrumbs_leaf_masks(
+  base: np.ndarray,
+  experts: Sequence[np.ndarray],
+  *,
+  density: float,
+  gamma: float,
+  scope: str = "row",
+  layout: str = "flax",
+  counting: str = "floor",
+) -> list[np.ndarray]:
+  """`breadcrumbs`' masks of one leaf's task vectors (1.0 kept, 0.0 dropped), computed on the
+  host before a program from the inputs as stored (the same masks: `host_row_stats`). The
+  streaming engine's `leaf_stats` for Breadcrumbs (`streaming.flat`).
+
+  Args:
+    base: θ0's leaf.
+    experts: the experts' leaves.
+    density / gamma / scope / layout / counting: as for `breadcrumbs` (concrete values).
+
+  Returns:
+    float32 arrays shaped like the leaf, one per expert (C-contiguous).
+  """
+  if scope == "row" and np.ndim(base) == 0:  # The reference leaves scalars as they are.
+    return [np.ones((), np.float32) for _ in experts]
+  axis = None if scope == "leaf" else _row_axis(np.ndim(base), layout, -1)
+  return host_row_stats.breadcrumbs_masks(
+    base, experts, axis, density=density, gamma=gamma, counting=counting
+  )
+
+
+def della_spreads(vectors: Sequence[Params], *, scope: str = "row", layout: str = "flax"):
+  """Where each entry's |τ| ranks in its row (0 smallest, m − 1 largest, ties in index order),
+  mapped onto [-1, 1] (`row_ranks.ranks_per_row_many(..., spread=True)`): DELLA's keep
+  probability is density + ε · spread.
+
+  Args:
+    vectors: task vectors.
+    scope / layout: as for `della_drop`.
+
+  Returns:
+    float32 trees shaped like `vectors`, one per vector.
+  """
+
+  def rows_of(x):
+    return _view_rows(x, scope, _row_axis(x.ndim, layout, 1))
+
+  # Every expert's ranks of a leaf in one host call (`ranks_per_row_many`: on every core). Only
+  # the ranks see the rows' view, the rest runs in the leaf's own layout: XLA recomputed fused
+  # loops through transposes per consumer (a 384 x 1536 leaf, 8 experts: 0.17 -> 0.09 s).
+  treedef = jax.tree.structure(vectors[0])
+  columns = zip(*[treedef.flatten_up_to(v) for v in vectors], strict=True)
+  spread = []
+  for column in columns:
+    views = [rows_of(x) for x in column]
+    ranked = row_ranks.ranks_per_row_many([rows for rows, _ in views], spread=True)
+    spread.append([restore(r) for (_, restore), r in zip(views, ranked, strict=True)])
+  return [treedef.unflatten([leaf[t] for leaf in spread]) for t in range(len(vectors))]
+
+
+def della_leaf_spreads(
+  base: np.ndarray, experts: Sequence[np.ndarray], *, scope: str = "row", layout: str = "flax"
+) -> list[np.ndarray]:
+  """`della_spreads` of one leaf's task vectors, computed on the host before a program from the
+  inputs as stored (the same numbers: `host_row_stats.della_spreads`). The streaming engine's
+  `leaf_stats` for DELLA, which makes its program elementwise (`streaming.flat`).
+
+  Args:
+    base: θ0's leaf.
+    experts: the experts' leaves.
+    scope / layout: as for `della_drop`.
+
+  Returns:
+    float32 arrays shaped like the leaf, one per expert (C-contiguous).
+  """
+  axis = None if scope == "leaf" else _row_axis(np.ndim(base), layout, 1)
+  return host_row_stats.della_spreads(base, experts, axis)
+
+
 def della_drop(
   vectors: Sequence[Params],
   key: jax.Array,
@@ -145,6 +230,7 @@ def della_drop(
   *,
   scope: str = "row",
   layout: str = "flax",
+  spreads: Sequence[Params] | None = None,
 ) -> list[Params]:
   """DELLA MagPrune: drop with a keep probability that grows with magnitude rank, rescale by 1/p.
 
@@ -161,30 +247,17 @@ def della_drop(
     epsilon: half-width of the probability range; density ± ε must stay in (0, 1].
     scope: "row" (per output neuron, reference) or "leaf".
     layout: "flax" or "torch" (see `breadcrumbs`).
+    spreads: `della_spreads(vectors, ...)` if the caller has them (the streaming engine computes
+      them on the host); None computes them.
 
   Returns:
     The sparsified, rescaled task vectors.
   """
+  if spreads is None:
+    spreads = della_spreads(vectors, scope=scope, layout=layout)
 
-  def rows_of(x):
-    return _view_rows(x, scope, _row_axis(x.ndim, layout, 1))
-
-  # Every expert's ranks of a leaf in one host call (`ranks_per_row_many`: on every core). Only
-  # the ranks see the rows' view, the rest runs in the leaf's own layout: XLA recomputed fused
-  # loops through transposes per consumer (a 384 x 1536 leaf, 8 experts: 0.17 -> 0.09 s).
-  treedef = jax.tree.structure(vectors[0])
-  columns = zip(*[treedef.flatten_up_to(v) for v in vectors], strict=True)
-  ranked = []
-  for column in columns:
-    views = [rows_of(x) for x in column]
-    ranks = row_ranks.ranks_per_row_many([rows for rows, _ in views])
-    ranked.append([restore(r) for (_, restore), r in zip(views, ranks, strict=True)])
-  rank_trees = [treedef.unflatten([leaf[t] for leaf in ranked]) for t in range(len(vectors))]
-
-  def drop(x, uniform, rank):
-    m = rows_of(x)[0].shape[-1]
-    spread = rank / max(m - 1, 1) * 2.0 - 1.0 if m > 1 else jnp.zeros_like(rank)
+  def drop(x, uniform, spread):
     p = jnp.clip(density + epsilon * spread, 1e-6, 1.0)
     return jnp.where(uniform < p, x / p, 0.0)
 
-  return _map_with_uniforms(vectors, key, drop, rank_trees)
+  return _map_with_uniforms(vectors, key, drop, spreads)

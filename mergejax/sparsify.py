@@ -28,7 +28,10 @@ from mergejax.row_sparsify import (  # noqa: F401 (re-exported: the per-row spar
   ROW_SCOPES,
   _row_axis,
   breadcrumbs,
+  breadcrumbs_leaf_masks,
   della_drop,
+  della_leaf_spreads,
+  della_spreads,
 )
 from mergejax.tree import Params, to_compute
 

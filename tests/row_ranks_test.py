@@ -95,3 +95,14 @@ def test_host_kth_from_inputs_equals_xla_differences(block, dtype, monkeypatch):
     outside = np.empty((3, 1, 5, 3), np.float32)
     row_ranks._host_kth([outside], np.array([1]), origin, *xs, with_origin=True)
     assert kth(xs, origin, 1)[0, 0, 0, 0] != outside[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 197, 384, 1536, 100_000])
+def test_rank_spreads_are_the_same_bits_from_numpy_and_xla(m):
+  # DELLA's spreads come from NumPy on the CPU host and from XLA on a mesh (and in XLA, r / c
+  # is r * (1 / c)): one formula gives the same bits everywhere.
+  ranks = np.arange(m, dtype=np.float32)
+  want = row_ranks.rank_spread(ranks.copy(), m)
+  np.testing.assert_array_equal(jax.jit(lambda r: row_ranks.rank_spread(r, m))(ranks), want)
+  assert want[0] == (-1.0 if m > 1 else 0.0) and want[-1] == (1.0 if m > 1 else 0.0)
+  assert (np.diff(want) > 0).all()

@@ -263,10 +263,10 @@ def test_a_leaf_that_cannot_be_split_fails_saying_why(name, hparams, why):
   base, experts = _models(shapes={"big": (64, 24), "e": (7,)})
   hparams = rules.add_key(name, hparams, 4)
   whole = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  # Below the leaf's flat chunks' working set (DELLA's) and its whole program's.
+  budget = min(whole.working_set["big"], whole.leaf_working_set("big")) - 1
   with pytest.raises(ValueError, match=f"Leaf 'big' .* memory budget .*{why}"):
-    streaming.StreamingMerge(
-      name, base, experts, hparams, memory_budget=whole.working_set["big"] - 1
-    )
+    streaming.StreamingMerge(name, base, experts, hparams, memory_budget=budget)
 
 
 def test_compile_count_depends_on_shapes_not_leaves():
@@ -319,6 +319,41 @@ def test_elementwise_rules_merge_leaves_of_any_shape_with_a_few_programs(
       got = merge.leaf(path)
       assert got.shape == np.shape(base[path]) and got.dtype == base[path].dtype
       np.testing.assert_array_equal(got, np.asarray(expected[path]), err_msg=path)
+
+
+@pytest.mark.parametrize(
+  "name,hparams",
+  [
+    ("della", {}),  # Its election's fallback: merged in the statistics pass, in chunks.
+    ("della", {"combine": "sum", "layout": "torch"}),
+    ("della", {"scope": "leaf", "combine": "mean"}),
+    ("breadcrumbs", {"density": 0.5}),
+    ("breadcrumbs_ties", {"counting": "mergekit", "layout": "torch"}),
+    ("sparsify_combine", {"sparsifier": "none", "combine": "ties"}),
+  ],
+)
+def test_rules_with_leaf_stats_or_sign_sums_merge_in_flat_chunks(monkeypatch, name, hparams):
+  # DELLA's and Breadcrumbs' statistics within rows come from the host (`RuleSpec.leaf_stats`),
+  # so their programs are
+  # elementwise: one program (chunks of 16, the last padded) for six leaf shapes; the same bits
+  # at any budget.
+  _whole_from(monkeypatch, 64)
+  shapes = {"a": (3, 5), "b": (7,), "c": (2, 3, 3), "d": (), "e": (1, 9), "f": (4, 10)}
+  base, experts = _models(shapes=shapes)
+  hparams = rules.add_key(name, hparams, 7)
+  expected = _in_memory(name, base, experts, **hparams)[0]
+  streaming.programs._EXECUTABLES.clear()
+  roomy = streaming.StreamingMerge(name, base, experts, hparams, memory_budget=2**30)
+  assert roomy.flat_paths == set(shapes)
+  assert roomy.timings.executables == 1, roomy.timings
+  assert roomy.timings.speculated == (len(shapes) if roomy.apply_mode == "speculate" else 0)
+  tight = streaming.StreamingMerge(
+    name, base, experts, hparams, memory_budget=roomy.timings.peak_working_set_bytes
+  )
+  assert tight.timings.groups > 1 and tight.timings.executables == 0
+  for path in base:
+    for merge in (roomy, tight):
+      np.testing.assert_array_equal(merge.leaf(path), np.asarray(expected[path]), err_msg=path)
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "dare", "ties"])

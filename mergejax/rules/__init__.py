@@ -15,9 +15,10 @@ Conventions:
   third argument, `(base, experts, statistics, **hparams)`; `mergejax.statistics` computes them
   from a model and data, and `merge(..., statistics=...)` checks them against the parameters.
 
-Modules: `spec` (the registry), `averaging`, `sparse`, `grid`, `masks`, `geometric`, `spectral`
-(TSV, ISO), `magmax`, `fisher`, `regmean` (the rules), `statistics_check` (validation of the
-data-dependent rules' statistics), `task_specific` (per-task results), `front_door` (`merge`).
+Modules: `spec` (the registry), `averaging`, `sparse`, `per_row` (Breadcrumbs, DELLA), `grid`,
+`masks`, `geometric`, `spectral` (TSV, ISO), `magmax`, `fisher`, `regmean` (the rules),
+`statistics_check` (validation of the data-dependent rules' statistics), `task_specific`
+(per-task results), `front_door` (`merge`).
 """
 
 from mergejax.rules.averaging import task_arithmetic, task_negation, weight_average
@@ -35,14 +36,9 @@ from mergejax.rules.masks import (
   tall_masks,
   tall_task_model,
 )
+from mergejax.rules.per_row import breadcrumbs, della
 from mergejax.rules.regmean import regmean, regmean_plusplus
-from mergejax.rules.sparse import (
-  breadcrumbs,
-  dare,
-  dare_ties,
-  della,
-  ties_merging,
-)
+from mergejax.rules.sparse import dare, dare_ties, ties_merging
 from mergejax.rules.spec import (
   REGISTRY,
   HParam,

@@ -1,4 +1,4 @@
-"""Sparsify-then-combine rules: TIES, DARE, DARE-TIES, Breadcrumbs, DELLA, and the whole grid.
+"""Sparsify-then-combine rules: TIES, DARE, DARE-TIES (Breadcrumbs and DELLA: `per_row`).
 
 Each rule is θ = θ0 + λ · combine(sparsify(τ1..τT)) with a sparsifier from
 `mergejax.sparsify.SPARSIFIERS` and a combiner from `mergejax.combine.COMBINERS`; the named rules
@@ -214,114 +214,9 @@ def dare_ties(
   )  # fmt: skip
 
 
-def breadcrumbs(
-  base: Params,
-  experts: Sequence[Params],
-  *,
-  density: Any = 0.15,
-  gamma: Any = 0.006,
-  scale: Any = 0.2,
-  scope: str = "row",
-  layout: str = "flax",
-  counting: str = "floor",
-  combine: str = "sum",
-  weights: Any = None,
-) -> Params:
-  """Model Breadcrumbs (Davari & Belilovsky 2024): drop outliers and small entries, sum, scale.
-
-  Defaults are the reference code's: its search's seed point (density 0.15, γ 0.006, α 0.2),
-  masks per output neuron (rows of the torch `[out, in]` weight) with int() counts; see
-  `sparsify.breadcrumbs` for leaves that are not 2-D. mergekit's `breadcrumbs`
-  (configs/breadcrumbs_mergekit.py) is `scope="leaf", counting="mergekit"`.
-
-  Args:
-    base: pre-trained parameters θ0.
-    experts: fine-tuned models θt.
-    density: fraction kept below the outliers.
-    gamma: fraction of top-|τ| outliers dropped.
-    scale: α.
-    scope: "row" (per output neuron, reference) or "leaf" (mergekit).
-    layout: "flax" ([in, out] kernels) or "torch" ([out, in] weights), which tells rows apart;
-      see `sparsify.breadcrumbs` for how it is known.
-    counting: "floor" (reference), "round" or "mergekit" (see `sparsify.breadcrumbs`).
-    combine: "sum" (paper) or "ties" (Breadcrumbs→TIES); "mean" divides by Σ wt.
-    weights: per-expert weights (mergekit's `weight`), applied after the masks.
-
-  Returns:
-    Merged parameters.
-  """
-  vectors = sparsify.breadcrumbs(
-    tv.task_vectors(base, experts), density, gamma, scope=scope, layout=layout,
-    counting=counting, inputs=(base, experts),
-  )  # fmt: skip
-  return tv.apply(base, _combine(vectors, combine, weights=weights), scale)
-
-
-def della(
-  base: Params,
-  experts: Sequence[Params],
-  *,
-  key: jax.Array,
-  density: Any = 0.7,
-  epsilon: Any = 0.07,
-  scale: Any = 1.1,
-  scope: str = "row",
-  layout: str = "flax",
-  combine: str = "ties",
-  weights: Any = None,
-) -> Params:
-  """DELLA-Merging (Deep et al. 2024): MagPrune (rank-dependent drop, 1/p rescale), elect, fuse.
-
-  Defaults are the official example run (declare-lab/della): `--drop_rate 0.3` (density 0.7),
-  `--window_size 0.14` (the whole probability window: its code passes ε = window / 2 = 0.07),
-  `--lambda_factor 1.1`, ranks per output neuron.
-
-  Args:
-    base: pre-trained parameters θ0.
-    experts: fine-tuned models θt.
-    key: PRNG key.
-    density: mean keep probability (1 − drop rate).
-    epsilon: keep probabilities range over density ± ε by magnitude rank (half the window).
-    scale: λ.
-    scope: "row" (per output neuron, reference) or "leaf" (where ranks are taken).
-    layout: "flax" or "torch" (see `sparsify.breadcrumbs`).
-    combine: "ties" (paper: elect + fuse with a disjoint mean), "sum" or "mean".
-    weights: per-expert weights (the reference's `weight`), applied after the drop.
-
-  Returns:
-    Merged parameters.
-  """
-  vectors = sparsify.della_drop(
-    tv.task_vectors(base, experts), key, density, epsilon, scope=scope, layout=layout
-  )
-  return tv.apply(base, _combine(vectors, combine, weights=weights), scale)
-
-
-def _della_window(hparams: dict[str, Any], num_experts: int) -> None:
-  del num_experts
-  d, e = hparams["density"], hparams["epsilon"]
-  if any(isinstance(v, jax.core.Tracer) for v in (d, e)):
-    return
-  if not (0.0 <= float(e) and float(d) - float(e) > 0.0 and float(d) + float(e) <= 1.0):
-    raise ValueError(
-      f"della: density ± epsilon = {float(d):g} ± {float(e):g} must lie in (0, 1]: keep "
-      "probabilities range over it."
-    )
-
-
 def _per_leaf_rescale(hparams, ndim=None) -> bool:  # DARE's "l1" rescale sums over the leaf.
   del ndim
   return hparams["rescale"] != "l1"
-
-
-def _rows_kept_whole(torch_axis):
-  # Per-row rules split along axis 0 when their rows run along another axis.
-  def row_split(hparams, ndim):
-    if hparams["scope"] != "row" or ndim < 2:
-      return False
-    return sparsify._row_axis(ndim, hparams["layout"], torch_axis) != 0
-
-  return row_split
 
 
 spec.register(
@@ -367,33 +262,5 @@ spec.register(
   election=ELECTION,
   reduce=REDUCE,
   trim_density=spec.HParam("float", 0.0, 1.0, "(]", optional=True),
-  weights=WEIGHTS,
-)
-LAYOUT = spec.choice(*sparsify.LAYOUTS)
-_BREADCRUMBS = dict(
-  density=spec.FRACTION,
-  gamma=spec.RATE,
-  scale=spec.SCALE,
-  scope=spec.choice(*sparsify.ROW_SCOPES),
-  layout=LAYOUT,
-  counting=spec.choice(*sparsify.BREADCRUMBS_COUNTINGS),
-  combine=COMBINE,
-  weights=WEIGHTS,
-)
-_BREADCRUMBS["row_split"] = _rows_kept_whole(-1)
-spec.register("breadcrumbs", breadcrumbs, **_BREADCRUMBS)
-spec.register("breadcrumbs_ties", breadcrumbs, defaults={"combine": "ties"}, **_BREADCRUMBS)
-spec.register(
-  "della",
-  della,
-  check=_della_window,
-  row_split=_rows_kept_whole(1),
-  key=spec.KEY,
-  density=spec.FRACTION,
-  epsilon=spec.HParam("float", 0.0, 1.0, "[)"),
-  scale=spec.SCALE,
-  scope=spec.choice(*sparsify.ROW_SCOPES),
-  layout=LAYOUT,
-  combine=COMBINE,
   weights=WEIGHTS,
 )

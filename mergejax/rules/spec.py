@@ -200,9 +200,13 @@ class RuleSpec:
       along axis 0) reads only the same rows of the inputs (and the whole-model statistics), so
       the streaming engine may merge a leaf above its budget in blocks of rows (same bits).
     elementwise: optional `elementwise(hparams) -> bool`: True when each output entry reads only
-      the same entry of the inputs (and whole-model statistics or sums), so the streaming engine
-      may merge leaves as chunks of their flattened entries (`streaming.flat`: a few programs
-      for any set of leaf shapes; same bits).
+      the same entry of the inputs (and whole-model statistics or sums, and `leaf_stats`), so the
+      streaming engine may merge leaves as chunks of their flattened entries (`streaming.flat`:
+      a few programs for any set of leaf shapes; same bits).
+    leaf_stats: optional `leaf_stats(base_leaf, expert_leaves, **hparams) -> [array per expert]`,
+      NumPy arrays shaped like the leaf that `with_stats` takes for a tree of that leaf alone (as
+      a list of one-leaf trees), computed on the host where the engine merges a leaf in flat
+      chunks: what a rule's program would compute across the leaf (DELLA's ranks within rows).
   """
 
   name: str
@@ -219,6 +223,7 @@ class RuleSpec:
   lapack: bool = False
   row_split: Callable[[Mapping[str, Any], int], bool] | None = None
   elementwise: Callable[[Mapping[str, Any]], bool] | None = None
+  leaf_stats: Callable[..., Any] | None = None
 
   def __call__(self, base: Any, experts: Any, *statistics: Any, **hparams: Any) -> Any:
     """Runs the rule with the registered defaults (no validation, no jit: see `rules.merge`).
@@ -303,6 +308,7 @@ def register(
   lapack: bool = False,
   row_split: Callable[[Mapping[str, Any], int], bool] | None = None,
   elementwise: Callable[[Mapping[str, Any]], bool] | None = None,
+  leaf_stats: Callable[..., Any] | None = None,
   **hparams: HParam,
 ) -> RuleSpec:
   """Registers a rule: `fn` and one `HParam` per keyword-only hyper-parameter of `fn`.
@@ -312,8 +318,8 @@ def register(
     fn: pure `fn(base, experts, *, **hparams)`; defaults come from its signature.
     defaults: overrides of `fn`'s defaults (e.g. a variant rule).
     min_experts / max_experts: how many experts the rule accepts (max None: any number).
-    prepare, with_stats (required with `prepare`), check, stream_stats (needs `with_stats`),
-      statistics, lapack, row_split, elementwise: see `RuleSpec`.
+    prepare, with_stats (required with `prepare`), check, stream_stats and leaf_stats (need
+      `with_stats`), statistics, lapack, row_split, elementwise: see `RuleSpec`.
     **hparams: `{name: HParam}`; must name exactly `fn`'s keyword-only parameters.
 
   Returns:
@@ -335,28 +341,18 @@ def register(
   missing = [k for k in params if k not in merged_defaults and hparams[k].kind != "key"]
   if missing:
     raise TypeError(f"register({name!r}): hyper-parameters {missing} have no default.")
-  if (prepare is None) != (with_stats is None):
-    raise TypeError(f"register({name!r}): pass both prepare= and with_stats=, or neither.")
-  if stream_stats is not None and with_stats is None:
-    raise TypeError(f"register({name!r}): stream_stats= feeds with_stats=; pass both.")
+  if (prepare is None and leaf_stats is None) != (with_stats is None):
+    raise TypeError(f"register({name!r}): with_stats= takes prepare='s or leaf_stats=' stats.")
+  if (stream_stats is not None or leaf_stats is not None) and with_stats is None:
+    raise TypeError(f"register({name!r}): stream_stats= / leaf_stats= feed with_stats=.")
   if statistics is not None and prepare is not None:
     raise TypeError(f"register({name!r}): a data-dependent rule takes no prepare= pre-pass.")
   spec = RuleSpec(
-    name=name,
-    fn=fn,
-    hparams=dict(hparams),
-    defaults=merged_defaults,
-    prepare=prepare,
-    with_stats=with_stats,
-    check=check,
-    min_experts=min_experts,
-    max_experts=max_experts,
-    stream_stats=stream_stats,
-    statistics=statistics,
-    lapack=lapack,
-    row_split=row_split,
-    elementwise=elementwise,
-  )
+    name=name, fn=fn, hparams=dict(hparams), defaults=merged_defaults, prepare=prepare,
+    with_stats=with_stats, check=check, min_experts=min_experts, max_experts=max_experts,
+    stream_stats=stream_stats, statistics=statistics, lapack=lapack, row_split=row_split,
+    elementwise=elementwise, leaf_stats=leaf_stats,
+  )  # fmt: skip
   REGISTRY[name] = spec
   return spec
 

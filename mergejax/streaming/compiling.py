@@ -63,9 +63,10 @@ def program_key(engine: Any, path: str, mode: str, rows=None) -> tuple[Any, tupl
   return args, key_of(engine, mode, args)
 
 
-def key_of(engine: Any, mode: str, args) -> tuple:
-  """The key in `_EXECUTABLES` of the engine's program in `mode` for `args`' shapes and dtypes."""
-  fn, with_stats = engine._fn()
+def key_of(engine: Any, mode: str, args, flat: bool = False) -> tuple:
+  """The key in `_EXECUTABLES` of the engine's program in `mode` for `args`' shapes and dtypes
+  (`flat`: a flat chunk's, `streaming.flat`)."""
+  fn, with_stats = engine._fn(flat)
   static = tuple(sorted(engine.static.items()))
   key = (fn, static, with_stats, engine.check, mode, str(engine.out_dtype), _signature(args))
   return key + (engine.layout,)
@@ -81,9 +82,10 @@ def tracing(engine: Any) -> contextlib.AbstractContextManager[None]:
   return contextlib.nullcontext()
 
 
-def compile_program(engine: Any, mode: str, args) -> Any:
-  """The engine's program in `mode`, compiled for the shapes and dtypes of `args`."""
-  fn, with_stats = engine._fn()
+def compile_program(engine: Any, mode: str, args, flat: bool = False) -> Any:
+  """The engine's program in `mode` (`flat`: a flat chunk's), compiled for the shapes and dtypes
+  of `args`."""
+  fn, with_stats = engine._fn(flat)
   program = _program(fn, engine.static, with_stats, engine.check, mode, engine.out_dtype)
   if engine.layout is None:
     with tracing(engine):
@@ -108,9 +110,10 @@ def compile_ahead(engine: Any, modes: Sequence[str]) -> None:
   pending = {}
   for mode in modes:
     for path in engine.merged_paths:
+      flat = mode != "totals" and path in engine.flat_paths
       for args, key in engine.programs_of(path, mode):
         if key not in _EXECUTABLES:
-          pending.setdefault(key, (mode, args))
+          pending.setdefault(key, (mode, args, flat))
   if len(pending) < 2:
     return
   start = time.perf_counter()

@@ -141,8 +141,8 @@ class StreamingMerge:
       traced["key"] = blocks.folded_keys(self, paths, rows)
     return base, experts, stats, traced, [np.float32(v) for v in totals]
 
-  def _fn(self):
-    if self.rule.stream_stats is not None:
+  def _fn(self, flat: bool = False):  # `flat`: a flat chunk's program (with `leaf_stats`).
+    if self.rule.stream_stats is not None or (flat and self.rule.leaf_stats is not None):
       return self.rule.with_stats, True
     return self.rule.fn, False
 
@@ -195,12 +195,13 @@ class StreamingMerge:
     args, _ = compiling.program_key(self, path, mode, rows)
     return self._executable_of(mode, args), args
 
-  def _executable_of(self, mode: str, args):
-    """The compiled program in `mode` for `args`' shapes and dtypes (compiled on first use)."""
-    key = compiling.key_of(self, mode, args)
+  def _executable_of(self, mode: str, args, flat: bool = False):
+    """The compiled program in `mode` for `args`' shapes and dtypes (compiled on first use;
+    `flat`: a flat chunk's)."""
+    key = compiling.key_of(self, mode, args, flat)
     if key not in _EXECUTABLES:
       start = time.perf_counter()
-      _EXECUTABLES[key] = compiling.compile_program(self, mode, args)
+      _EXECUTABLES[key] = compiling.compile_program(self, mode, args, flat)
       self.timings.executables += 1
       self.timings.compile_s += time.perf_counter() - start
     executable = _EXECUTABLES[key]
@@ -210,7 +211,7 @@ class StreamingMerge:
 
   def programs_of(self, path: str, mode: str) -> list[tuple[Any, tuple]]:
     """`(args, key)` of each program merging `path` in `mode` (its flat chunks' or its own)."""
-    if mode == "apply" and path in self.flat_paths:
+    if mode != "totals" and path in self.flat_paths:
       return flat.programs(self, path, mode)
     return [compiling.program_key(self, path, mode)]
 
@@ -268,11 +269,11 @@ class StreamingMerge:
 
   def _output_shapes(self, path: str):
     """The program's result on one leaf (or chunk) as shapes (task-specific: a list of models)."""
-    args = self.programs_of(path, self.apply_mode)[0][0]
-    compiled = self._executable_of(self.apply_mode, args)
+    args, flat = self.programs_of(path, self.apply_mode)[0][0], path in self.flat_paths
+    compiled = self._executable_of(self.apply_mode, args, flat)
     if (info := getattr(compiled, "out_info", None)) is not None:
       return info[0]
-    fn, with_stats = self._fn()
+    fn, with_stats = self._fn(flat)
     program = _program(fn, self.static, with_stats, False, "apply", None)
     return jax.eval_shape(lambda *a: program(*a)[0], *_abstract(args))
 
@@ -367,14 +368,14 @@ class StreamingMerge:
     values = [self.totals[j] for j in range(self.num_totals)]
     pending = []
     for path in self.group_paths[group]:  # Dispatched together; XLA runs them as they come.
+      if path in self.speculated:  # Merged in the statistics pass (whole or in flat chunks).
+        pending.append((path, self.speculated.pop(path)))
+        continue
       if path in self.row_blocks:
         self._cache[(path, 0)] = blocks.merge_in_blocks(self, path, values)
         continue
       if path in self.flat_paths:  # Its chunks dispatched now, taken below.
         pending.append((path, flat.Pending(self, path, values)))
-        continue
-      if path in self.speculated:
-        pending.append((path, self.speculated.pop(path)))
         continue
       # The speculative program, given the true sums, computes what the apply program would.
       compiled, _ = self._executable(path, self.apply_mode)

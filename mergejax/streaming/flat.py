@@ -29,15 +29,18 @@ from mergejax.streaming.programs import check_outputs
 
 def applies(engine: Any) -> bool:
   """Whether the engine's rule, with these options, may merge leaves as flat chunks: it declares
-  itself elementwise (given its whole-model sums), its sums, if any, come from the whole leaves'
+  itself elementwise (given its whole-model sums and its `leaf_stats`, which are computed on the
+  CPU's host only) and it runs on one device. Sums other than signs come from the whole leaves'
   "totals" programs (a chunk's partials would add up in another order; the "apply" programs are
-  given the sums), and it runs on one device."""
+  given the sums); sign sums may come from the chunks' speculative programs: the signs are
+  exact unless the sum is within rounding of zero, as where a leaf's program sums it."""
   elementwise = engine.rule.elementwise
+  host_stats = engine.rule.leaf_stats is None or jax.default_backend() == "cpu"
   return (
     elementwise is not None
     and bool(elementwise(engine.full))
-    and engine.apply_mode == "apply"
     and engine.layout is None
+    and host_stats
   )
 
 
@@ -50,9 +53,18 @@ def candidates(engine: Any) -> set[str]:
   return {p for p in engine.merged_paths if int(np.size(engine.base[p])) < small}
 
 
-def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=None):
+def leaf_stats(engine: Any, path: str) -> list[dict[str, np.ndarray]] | None:
+  """The rule's `leaf_stats` of the leaf (computed now, on the host), or None if it has none."""
+  if engine.rule.leaf_stats is None:
+    return None
+  hook, experts = engine.rule.leaf_stats, [np.asarray(e[path]) for e in engine.experts]
+  return hook(np.asarray(engine.base[path]), experts, **engine.full)
+
+
+def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=None, host=None):
   """The program's arguments for one chunk `(start, entries, padded)` of the flattened leaf
-  (zeros after its entries, up to `padded`), given the whole-model sums (None: zeros)."""
+  (zeros after its entries, up to `padded`), given the whole-model sums (None: zeros) and, for a
+  rule with `leaf_stats`, the leaf's (`host`; None: zeros, for shapes)."""
   start, length, padded = piece
 
   def cut(x):
@@ -69,6 +81,10 @@ def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=None)
   if engine.key is not None:
     traced["key"] = leafwise.FoldedKeys(blocks.folded_keys(engine, [path]).data, np.uint32(start))
   stats = engine._leaf_stats(path)
+  if engine.rule.leaf_stats is not None and host is None:  # float32, one leaf per expert.
+    stats = [{"x": np.zeros(padded, np.float32)} for _ in engine.experts]
+  elif engine.rule.leaf_stats is not None:
+    stats = [{"x": cut(h["x"])} for h in host]
   totals = [0.0] * engine.num_totals if totals is None else totals
   return base, experts, stats, traced, [np.float32(v) for v in totals]
 
@@ -79,7 +95,7 @@ def programs(engine: Any, path: str, mode: str) -> list[tuple[Any, tuple]]:
   for piece in leafwise.flat_pieces(int(np.size(engine.base[path]))):
     if piece[2] not in found:  # One per padded size: the arguments of its first chunk.
       args = piece_args(engine, path, piece)
-      found[piece[2]] = (args, compiling.key_of(engine, mode, args))
+      found[piece[2]] = (args, compiling.key_of(engine, mode, args, flat=True))
   return list(found.values())
 
 
@@ -87,15 +103,20 @@ def working_set(engine: Any, path: str) -> int:
   """Bytes the leaf's merge holds: every chunk's output and temporaries (all are dispatched
   before the first is taken) and the inputs XLA copies in, the padded chunk's inputs (our
   copies, which XLA may copy again: counted twice) and the output leaves (one per task of a
-  task-specific rule) that `Chunked.assemble` makes where an array is asked for."""
+  task-specific rule) that `Chunked.assemble` makes where an array is asked for; and the rule's
+  `leaf_stats` (float32, one leaf per expert), their chunks counted as copied in by XLA."""
   n = int(np.size(engine.base[path]))
   total = n * engine.output_dtype(path).itemsize * engine.num_outputs
+  with_stats = engine.rule.leaf_stats is not None
+  if with_stats:
+    total += 4 * n * len(engine.experts)
   for piece in leafwise.flat_pieces(n):
     args = piece_args(engine, path, piece)
     padded = piece[1] < piece[2]
-    total += compiling.program_bytes(engine._executable_of("apply", args), args, copied=not padded)
-    if padded:
-      total += 2 * sum(x.nbytes for x in jax.tree.leaves(args[:2]))
+    program = engine._executable_of(engine.apply_mode, args, flat=True)
+    total += compiling.program_bytes(program, args[:2], copied=not padded)
+    stats = sum(x.nbytes for x in jax.tree.leaves(args[2])) if with_stats else 0
+    total += stats + (2 * sum(x.nbytes for x in jax.tree.leaves(args[:2])) if padded else 0)
   return total
 
 
@@ -108,15 +129,32 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 class Pending:
-  """A leaf whose chunks are dispatched; `take()` waits for them and assembles the leaf."""
+  """A leaf whose chunks are dispatched (in the engine's `apply_mode`); `take()` waits for them
+  and assembles the leaf, `sums()` gives the chunks' partial sums of a speculative program."""
 
   def __init__(self, engine: Any, path: str, totals):
     self.engine, self.path = engine, path
     self.pieces = []
+    host = leaf_stats(engine, path)
     for piece in leafwise.flat_pieces(int(np.size(engine.base[path]))):
-      args = piece_args(engine, path, piece, totals)
-      program = engine._executable_of("apply", args)
-      self.pieces.append((piece, _pool().submit(lambda p=program, a=args: p(*a)[:2])))
+      args = piece_args(engine, path, piece, totals, host)
+      program = engine._executable_of(engine.apply_mode, args, flat=True)
+      self.pieces.append((piece, _pool().submit(lambda p=program, a=args: p(*a))))
+
+  def sums(self) -> tuple[list[np.float32], list[bool]]:
+    """The leaf's partials of the whole-model sums (its chunks' added in order) and its
+    `relevant` flags (any chunk's), from a speculative program's results."""
+    partials, relevant = None, None
+    for _, future in self.pieces:
+      chunk_partials, chunk_relevant = future.result()[2:]
+      values = [np.float32(hosts.to_host(p)) for p in chunk_partials]
+      flags = [r is not None and bool(hosts.to_host(r)) for r in chunk_relevant]
+      if partials is None:
+        partials, relevant = values, flags
+        continue
+      partials = [np.float32(a + b) for a, b in zip(partials, values, strict=True)]
+      relevant = [a or b for a, b in zip(relevant, flags, strict=True)]
+    return partials, relevant
 
   def take(self) -> list[Chunked]:
     """The merged leaf of each output (one, or one per task) as its chunks, after the leaf's
@@ -126,7 +164,7 @@ class Pending:
     outs = [Chunked(shape, []) for _ in range(engine.num_outputs)]
     reports = []
     for (_, length, _), future in self.pieces:
-      merged, report = future.result()
+      merged, report = future.result()[:2]
       for out, model in zip(outs, merged if engine.task_specific else [merged], strict=True):
         out.chunks.append(hosts.to_host(model["x"])[:length])
       reports.append(report)

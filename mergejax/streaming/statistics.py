@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from mergejax.distributed import hosts
-from mergejax.streaming import compiling
+from mergejax.streaming import compiling, flat
 from mergejax.streaming.programs import _dependencies, _program
 
 
@@ -104,6 +104,15 @@ def speculative_pass(engine: Any) -> None:
   relevant: dict[str, np.ndarray] = {}
   kept: dict[str, tuple[Any, Any]] = {}
   for path in paths:
+    if keep_outputs and path in engine.flat_paths:  # Its chunks' speculative programs.
+      pending = flat.Pending(engine, path, [np.float32(0)] * n)
+      partials[path], flags = pending.sums()
+      relevant[path] = np.array(flags)
+      size = int(np.size(engine.base[path])) * engine.output_dtype(path).itemsize
+      if size * engine.num_outputs <= room:
+        room -= size * engine.num_outputs
+        kept[path] = pending
+      continue
     compiled, _ = engine._executable(path, "speculate" if keep_outputs else "totals")
     args = engine._args([path], engine._leaf_stats(path), [np.float32(0)] * n)
     out, report, leaf_partials, leaf_relevant = (

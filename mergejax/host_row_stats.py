@@ -1,0 +1,154 @@
+"""Per-row statistics of |θt − θ0| computed on the host from the inputs as stored, before a
+program: DELLA's rank spreads (the numbers of `row_ranks.ranks_per_row_many(..., spread=True)` on
+XLA's |τ|) and Model Breadcrumbs' masks (`row_sparsify.breadcrumbs`'). With them the streaming
+engine's programs for these rules are elementwise, and a few serve every leaf shape
+(`RuleSpec.leaf_stats`, `streaming.flat`).
+
+Magnitudes are computed beside each sort in cache-sized blocks of rows, read from the inputs in
+the leaf's own layout (a flax kernel's rows are its columns: a block of them is transposed in
+cache), with XLA's CPU float mode: subnormal inputs read as zero, subnormal results flushed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mergejax import row_ranks, selection
+
+# |τ| at or above this is the same whether subnormal inputs read as zero or not (a subnormal is
+# below half an ulp of any input above 2^-100); below it, entries are recomputed flushed.
+_DAZ_EXACT_ABOVE = np.float32(2.0**-98)
+_BLOCK = 1 << 17  # Entries per block of rows and input: its scratch stays in cache.
+
+
+def della_spreads(
+  base: np.ndarray, experts: Sequence[np.ndarray], axis: int | None
+) -> list[np.ndarray]:
+  """Per expert, the rank spread (`row_ranks.rank_spread`) of every entry of |f32(e) − f32(b)|
+  within its row along `axis` (None: the whole leaf is one row).
+
+  Args:
+    base: θ0's leaf (any floating dtype, e.g. a memory-mapped bf16 tensor).
+    experts: the experts' leaves, shaped like `base`.
+    axis: the axis rows run along, or None.
+
+  Returns:
+    float32 arrays shaped like `base` (C-contiguous), one per expert.
+  """
+
+  def fill(magnitude, out):
+    row_ranks.rank_rows_into(magnitude, out)
+    row_ranks.rank_spread(out, magnitude.shape[1])
+
+  return _per_row(base, experts, axis, fill)
+
+
+def breadcrumbs_masks(
+  base: np.ndarray,
+  experts: Sequence[np.ndarray],
+  axis: int | None,
+  *,
+  density: float,
+  gamma: float,
+  counting: str,
+) -> list[np.ndarray]:
+  """Per expert, 1.0 where Model Breadcrumbs keeps an entry of τ and 0.0 where it drops it
+  (`row_sparsify.breadcrumbs`' masks: thresholds at the k-th largest |τ| of each row along
+  `axis`, None: the whole leaf; counts as its traced `selection.count_for_fraction`'s).
+
+  Args:
+    base / experts / axis: as for `della_spreads`.
+    density / gamma / counting: Breadcrumbs' (concrete values).
+
+  Returns:
+    float32 arrays shaped like `base` (C-contiguous), one per expert.
+  """
+  m = int(np.prod(np.shape(base))) if axis is None else np.shape(base)[axis]
+  n_top = _count(m, gamma, "floor")
+  n_keep = _count(m, density, "round" if counting == "round" else "floor")
+  if counting == "mergekit":
+    n_top = min(n_top, m - n_keep)
+  upper_k, lower_k = max(n_top, 1), min(max(n_top + n_keep, 1), m)
+  keep_all = counting == "mergekit" and np.float32(density) >= np.float32(1.0)
+
+  def fill(magnitude, out):
+    ascending = np.sort(magnitude, axis=-1)
+    upper, lower = ascending[:, m - upper_k, None], ascending[:, m - lower_k, None]
+    keep = magnitude >= lower
+    if n_top:
+      keep &= magnitude < upper
+    out[...] = keep if n_keep > 0 else False
+    if keep_all:
+      out[...] = 1.0
+
+  return _per_row(base, experts, axis, fill)
+
+
+def _count(size: int, fraction: float, rounding: str) -> int:
+  """`selection.count_for_fraction(size, fraction, rounding)` for a traced (float32) fraction,
+  as the rules' programs count (tested against it)."""
+  product = np.float32(fraction) * np.float32(size)
+  if rounding == "round":
+    k = np.round(product)
+  else:
+    k = np.floor(product * np.float32(selection._FLOOR_NUDGE))
+  return int(min(max(int(k), 0 if rounding == "floor" else 1), size))
+
+
+def _per_row(base, experts, axis, fill) -> list[np.ndarray]:
+  """Per expert, `fill(magnitude, out)` on blocks of rows of |f32(e) − f32(b)| along `axis`
+  (float32 [k, m] each, C-contiguous), assembled in the leaf's layout."""
+  base = np.asarray(base)
+  experts = [np.asarray(e) for e in experts]
+  shape, ndim = base.shape, base.ndim
+  if axis is None or ndim < 2:  # One row.
+    rows_of = lambda a: a.reshape(1, -1)  # noqa: E731
+  elif axis == ndim - 1:  # Rows along the last axis: views of the inputs.
+    rows_of = lambda a: a.reshape(-1, shape[-1])  # noqa: E731
+  elif ndim == 2 and axis == 0:  # A flax kernel's columns: transposed block by block.
+    rows_of = lambda a: a.T  # noqa: E731
+  else:  # Rows along another axis of an N-D leaf: moved last (a copy).
+    moved = [np.ascontiguousarray(np.moveaxis(a, axis, -1)) for a in (base, *experts)]
+    out = _per_row(moved[0], moved[1:], moved[0].ndim - 1, fill)
+    return [np.ascontiguousarray(np.moveaxis(o, -1, axis)) for o in out]
+  base_rows, expert_rows = rows_of(base), [rows_of(e) for e in experts]
+  outputs = [np.empty(shape, np.float32) for _ in experts]
+  out_rows = [rows_of(o) for o in outputs]  # Views: written in place.
+  n, m = base_rows.shape
+  step = max(1, _BLOCK // max(m, 1))
+
+  def work(start, stop, which):
+    origin = _block(base_rows, start, stop)
+    scratch = np.empty((stop - start, m), np.float32)
+    for i in which:
+      magnitude = _block(expert_rows[i], start, stop)
+      np.subtract(magnitude, origin, out=magnitude)
+      np.abs(magnitude, out=magnitude)
+      low = magnitude < _DAZ_EXACT_ABOVE
+      if low.any():  # Rare: those entries again, as XLA computes them.
+        where = np.nonzero(low)
+        ours = _flush(_block(expert_rows[i], start, stop)[where])
+        magnitude[where] = _flush(np.abs(ours - _flush(origin[where].copy())))
+      fill(magnitude, scratch)
+      out_rows[i][start:stop] = scratch
+
+  if n <= step:  # One block: one task per expert.
+    tasks = [(0, n, [i]) for i in range(len(experts))]
+  else:
+    tasks = [(s, min(s + step, n), range(len(experts))) for s in range(0, n, step)]
+  row_ranks.run_tasks(work, tasks)
+  return outputs
+
+
+def _block(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
+  """Rows [start, stop) as a C-contiguous float32 copy (a transposed view's: transposed here)."""
+  out = np.empty((stop - start, rows.shape[1]), np.float32)
+  out[...] = rows[start:stop]
+  return out
+
+
+def _flush(a: np.ndarray) -> np.ndarray:
+  a[np.abs(a) < np.finfo(np.float32).tiny] = 0.0
+  return a
