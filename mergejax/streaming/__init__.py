@@ -9,7 +9,8 @@ holding more than a budget of working memory, and gives the same bits as `rules.
   leaves. Random rules get their per-leaf keys as data (`leafwise.FoldedKeys`), the same keys as a
   whole-tree call. The finite checks ride along as in `rules.merge`. Elementwise rules
   (`RuleSpec.elementwise`) merge leaves below 4M entries as chunks of their flattened entries, of
-  a few padded sizes (`flat`): a few executables for any set of leaf shapes.
+  a few padded sizes (`flat`): a few executables for any set of leaf shapes. Breadcrumbs and DELLA
+  too, given their per-row statistics computed on the host first (`RuleSpec.leaf_stats`).
 * **Memory.** XLA's own accounting of each executable (arguments, output, temporaries) is the
   leaf's working set; leaves are dispatched in groups whose working sets fit the budget (the
   group's results wait for the writer, the next group is dispatched when they are taken). A leaf

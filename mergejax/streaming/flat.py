@@ -5,8 +5,12 @@ otherwise compiles one per distinct shape.
 For a one-shot merge compile time is most of the wall time: a ViT-S's 10 distinct leaf shapes
 cost DARE-TIES 10 programs per mode (1.4 s of compile on 2 cores) where 2 chunk sizes cover every
 leaf. The same bits as the whole leaf: each output entry reads only the same entry of the inputs
-(the rule declares it, `RuleSpec.elementwise`), random rules draw the leaf's uniforms at the
-chunk's flat offset (`leafwise.FoldedKeys.offset`), and the padding (zeros) is cut off. Leaves of
+(the rule declares it, `RuleSpec.elementwise`; given its `RuleSpec.leaf_stats`, computed on the
+host for the whole leaf and cut like the inputs: Breadcrumbs' masks, DELLA's rank spreads), random
+rules draw the leaf's uniforms at the chunk's flat offset (`leafwise.FoldedKeys.offset`), and the
+padding (zeros) is cut off. Rules whose sums are all signs run their chunks in the speculative
+pass (`statistics.speculative_pass`), which adds the chunks' partials (signs exact unless a sum
+is within rounding of zero, as there, where a leaf's program sums it). Leaves of
 4 large chunks or more keep their whole-leaf program: a model has few such shapes, and chunks
 would add calls and copies (each chunk's result is copied into the leaf) for little compile saved.
 """
