@@ -18,7 +18,7 @@ import numpy as np
 from mergejax import row_ranks, selection
 
 # |τ| at or above this is the same whether subnormal inputs read as zero or not (a subnormal is
-# below half an ulp of any input above 2^-100); below it, entries are recomputed flushed.
+# below half an ulp of any input above 2^-100); nonzero ones below it are recomputed flushed.
 _DAZ_EXACT_ABOVE = np.float32(2.0**-98)
 _BLOCK = 1 << 17  # Entries per block of rows and input: its scratch stays in cache.
 
@@ -42,7 +42,7 @@ def della_spreads(
     row_ranks.rank_rows_into(magnitude, out)
     row_ranks.rank_spread(out, magnitude.shape[1])
 
-  return _per_row(base, experts, axis, fill)
+  return _per_row(base, experts, axis, fill, np.float32)
 
 
 def breadcrumbs_masks(
@@ -54,7 +54,7 @@ def breadcrumbs_masks(
   gamma: float,
   counting: str,
 ) -> list[np.ndarray]:
-  """Per expert, 1.0 where Model Breadcrumbs keeps an entry of τ and 0.0 where it drops it
+  """Per expert, where Model Breadcrumbs keeps an entry of τ
   (`row_sparsify.breadcrumbs`' masks: thresholds at the k-th largest |τ| of each row along
   `axis`, None: the whole leaf; counts as its traced `selection.count_for_fraction`'s).
 
@@ -63,7 +63,7 @@ def breadcrumbs_masks(
     density / gamma / counting: Breadcrumbs' (concrete values).
 
   Returns:
-    float32 arrays shaped like `base` (C-contiguous), one per expert.
+    bool arrays shaped like `base` (C-contiguous), True where kept, one per expert.
   """
   m = int(np.prod(np.shape(base))) if axis is None else np.shape(base)[axis]
   n_top = _count(m, gamma, "floor")
@@ -74,16 +74,15 @@ def breadcrumbs_masks(
   keep_all = counting == "mergekit" and np.float32(density) >= np.float32(1.0)
 
   def fill(magnitude, out):
+    if keep_all or n_keep == 0:
+      out[...] = keep_all
+      return
     ascending = np.sort(magnitude, axis=-1)
-    upper, lower = ascending[:, m - upper_k, None], ascending[:, m - lower_k, None]
-    keep = magnitude >= lower
+    np.greater_equal(magnitude, ascending[:, m - lower_k, None], out=out)
     if n_top:
-      keep &= magnitude < upper
-    out[...] = keep if n_keep > 0 else False
-    if keep_all:
-      out[...] = 1.0
+      out &= magnitude < ascending[:, m - upper_k, None]
 
-  return _per_row(base, experts, axis, fill)
+  return _per_row(base, experts, axis, fill, np.bool_)
 
 
 def _count(size: int, fraction: float, rounding: str) -> int:
@@ -97,9 +96,10 @@ def _count(size: int, fraction: float, rounding: str) -> int:
   return int(min(max(int(k), 0 if rounding == "floor" else 1), size))
 
 
-def _per_row(base, experts, axis, fill) -> list[np.ndarray]:
+def _per_row(base, experts, axis, fill, dtype) -> list[np.ndarray]:
   """Per expert, `fill(magnitude, out)` on blocks of rows of |f32(e) − f32(b)| along `axis`
-  (float32 [k, m] each, C-contiguous), assembled in the leaf's layout."""
+  (float32 [k, m], C-contiguous; `out`: [k, m] of `dtype`, the output's rows where they are
+  C-contiguous, else scratch), assembled in the leaf's layout."""
   base = np.asarray(base)
   experts = [np.asarray(e) for e in experts]
   shape, ndim = base.shape, base.ndim
@@ -111,28 +111,34 @@ def _per_row(base, experts, axis, fill) -> list[np.ndarray]:
     rows_of = lambda a: a.T  # noqa: E731
   else:  # Rows along another axis of an N-D leaf: moved last (a copy).
     moved = [np.ascontiguousarray(np.moveaxis(a, axis, -1)) for a in (base, *experts)]
-    out = _per_row(moved[0], moved[1:], moved[0].ndim - 1, fill)
+    out = _per_row(moved[0], moved[1:], moved[0].ndim - 1, fill, dtype)
     return [np.ascontiguousarray(np.moveaxis(o, -1, axis)) for o in out]
   base_rows, expert_rows = rows_of(base), [rows_of(e) for e in experts]
-  outputs = [np.empty(shape, np.float32) for _ in experts]
+  outputs = [np.empty(shape, dtype) for _ in experts]
   out_rows = [rows_of(o) for o in outputs]  # Views: written in place.
   n, m = base_rows.shape
   step = max(1, _BLOCK // max(m, 1))
 
   def work(start, stop, which):
     origin = _block(base_rows, start, stop)
-    scratch = np.empty((stop - start, m), np.float32)
+    magnitude = np.empty((stop - start, m), np.float32)
+    scratch = None
     for i in which:
-      magnitude = _block(expert_rows[i], start, stop)
-      np.subtract(magnitude, origin, out=magnitude)
+      np.subtract(expert_rows[i][start:stop], origin, out=magnitude, dtype=np.float32)
       np.abs(magnitude, out=magnitude)
-      low = magnitude < _DAZ_EXACT_ABOVE
-      if low.any():  # Rare: those entries again, as XLA computes them.
+      # Zeros are zeros either way (e = b); the rare others that low again, as XLA computes them.
+      low = (magnitude > 0) & (magnitude < _DAZ_EXACT_ABOVE)
+      if low.any():
         where = np.nonzero(low)
         ours = _flush(_block(expert_rows[i], start, stop)[where])
         magnitude[where] = _flush(np.abs(ours - _flush(origin[where].copy())))
+      target = out_rows[i][start:stop]
+      if target.flags.c_contiguous:
+        fill(magnitude, target)
+        continue
+      scratch = np.empty((stop - start, m), dtype) if scratch is None else scratch
       fill(magnitude, scratch)
-      out_rows[i][start:stop] = scratch
+      target[...] = scratch
 
   if n <= step:  # One block: one task per expert.
     tasks = [(0, n, [i]) for i in range(len(experts))]

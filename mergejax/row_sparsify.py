@@ -88,8 +88,8 @@ def breadcrumbs(
     inputs: (base, experts) when `vectors` is `task_vectors(base, experts)`: the thresholds are
       then computed from the inputs as stored (on CPU: half the bytes of float32 |τ| for bf16
       checkpoints); the same masks.
-    masks: the masks if the caller has them (`breadcrumbs_leaf_masks`, one tree per vector,
-      nonzero where kept: the streaming engine computes them on the host); None computes them.
+    masks: the masks if the caller has them (`breadcrumbs_leaf_masks`, one tree per vector, True
+      where kept: the streaming engine computes them on the host); None computes them.
 
   Returns:
     The masked task vectors (no rescaling; Breadcrumbs scales the sum by α afterwards).
@@ -100,7 +100,7 @@ def breadcrumbs(
   if not vectors:
     return []
   if masks is not None:
-    keep = lambda v, k: jnp.where(k != 0, v, 0.0)  # noqa: E731
+    keep = lambda v, k: jnp.where(k, v, 0.0)  # noqa: E731
     return [jax.tree.map(keep, v, k) for v, k in zip(vectors, masks, strict=True)]
 
   def mask_leaf(leaves, source):
@@ -154,7 +154,7 @@ def breadcrumbs_leaf_masks(
   layout: str = "flax",
   counting: str = "floor",
 ) -> list[np.ndarray]:
-  """`breadcrumbs`' masks of one leaf's task vectors (1.0 kept, 0.0 dropped), computed on the
+  """`breadcrumbs`' masks of one leaf's task vectors (True where kept), computed on the
   host before a program from the inputs as stored (the same masks: `host_row_stats`). The
   streaming engine's `leaf_stats` for Breadcrumbs (`streaming.flat`).
 
@@ -164,10 +164,10 @@ def breadcrumbs_leaf_masks(
     density / gamma / scope / layout / counting: as for `breadcrumbs` (concrete values).
 
   Returns:
-    float32 arrays shaped like the leaf, one per expert (C-contiguous).
+    bool arrays shaped like the leaf, one per expert (C-contiguous).
   """
   if scope == "row" and np.ndim(base) == 0:  # The reference leaves scalars as they are.
-    return [np.ones((), np.float32) for _ in experts]
+    return [np.ones((), np.bool_) for _ in experts]
   axis = None if scope == "leaf" else _row_axis(np.ndim(base), layout, -1)
   return host_row_stats.breadcrumbs_masks(
     base, experts, axis, density=density, gamma=gamma, counting=counting

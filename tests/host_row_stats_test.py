@@ -104,9 +104,9 @@ def test_breadcrumbs_masks_on_the_host_equal_the_programs(
 
   want = program(base, experts, np.float32(density), np.float32(gamma))
   for mask, e, w in zip(masks, experts, want, strict=True):
-    assert mask.shape == shape and mask.dtype == np.float32
+    assert mask.shape == shape and mask.dtype == np.bool_
     tau = e.astype(np.float32) - base.astype(np.float32)
-    np.testing.assert_array_equal(np.where(mask != 0, tau, 0.0), w)
+    np.testing.assert_array_equal(np.where(mask, tau, 0.0), w)
   if shape and counting != "mergekit" and density >= 0.3:  # Some kept, some dropped.
     assert 0 < np.mean(masks[1]) < 1
 

@@ -18,7 +18,7 @@ from configs import merge as merge_config
 from mergejax import leafwise, rules, streaming
 from mergejax import tree as tree_lib
 from mergejax.io import atomic, hf
-from mergejax.streaming import statistics
+from mergejax.streaming import flat, statistics
 from mergejax.testing.random_models import random_flat_models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -354,6 +354,20 @@ def test_rules_with_leaf_stats_or_sign_sums_merge_in_flat_chunks(monkeypatch, na
   for path in base:
     for merge in (roomy, tight):
       np.testing.assert_array_equal(merge.leaf(path), np.asarray(expected[path]), err_msg=path)
+
+
+def test_host_statistics_chunk_only_shapes_whose_programs_cost_more(monkeypatch):
+  # Host statistics cost more per entry than a leaf's own program: shapes with more entries in
+  # all (over their leaves and experts) than the limit keep their programs.
+  _whole_from(monkeypatch, 64)
+  shapes = {"a/w": (4, 10), "b/w": (4, 10), "c": (7,), "d": (3, 5)}
+  base, experts = _models(shapes=shapes)
+  monkeypatch.setattr(flat, "HOST_STATS_SHAPE_ENTRIES", 2 * 40 * len(experts) - 1)
+  expected = _in_memory("breadcrumbs", base, experts)[0]
+  engine = streaming.StreamingMerge("breadcrumbs", base, experts, {}, memory_budget=2**30)
+  assert engine.flat_paths == {"c", "d"}  # Two 4 x 10 leaves: above the limit.
+  for path in base:
+    np.testing.assert_array_equal(engine.leaf(path), np.asarray(expected[path]), err_msg=path)
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "dare", "ties"])

@@ -203,10 +203,11 @@ class RuleSpec:
       the same entry of the inputs (and whole-model statistics or sums, and `leaf_stats`), so the
       streaming engine may merge leaves as chunks of their flattened entries (`streaming.flat`:
       a few programs for any set of leaf shapes; same bits).
-    leaf_stats: optional `leaf_stats(base_leaf, expert_leaves, **hparams) -> [array per expert]`,
-      NumPy arrays shaped like the leaf that `with_stats` takes for a tree of that leaf alone (as
-      a list of one-leaf trees), computed on the host where the engine merges a leaf in flat
-      chunks: what a rule's program would compute across the leaf (DELLA's ranks within rows).
+    leaf_stats: optional `leaf_stats(base_leaf, expert_leaves, **hparams) -> [{"x": array}]`:
+      per expert, a NumPy array shaped like the leaf (one dtype for every leaf) as a one-leaf
+      tree, what `with_stats` takes for a tree of that leaf alone, computed on the host where
+      the engine merges a leaf in flat chunks: what the rule's program would compute across the
+      leaf (Breadcrumbs' masks, DELLA's rank spreads within rows).
   """
 
   name: str

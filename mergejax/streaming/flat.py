@@ -48,13 +48,29 @@ def applies(engine: Any) -> bool:
   )
 
 
+# A rule with `leaf_stats` merges the leaves of a shape in flat chunks only up to this many
+# entries over the shape's leaves and experts: its host statistics cost more per entry than the
+# leaf's own program, which computes them in a host callback beside XLA (Breadcrumbs on the 32
+# 512 x 2048 bf16 k/v projections x 8 experts of the full-size benchmark, in-process, warm: 0.84 s
+# in chunks, 0.51-0.55 s whole), and pay where they save a compile (0.1-0.3 s a shape).
+HOST_STATS_SHAPE_ENTRIES = 1 << 26
+
+
 def candidates(engine: Any) -> set[str]:
   """The merged leaves to merge as flat chunks where they fit the budget: all below 4 large
-  chunks (`leafwise.flat_chunk`), for a rule that `applies`."""
+  chunks (`leafwise.flat_chunk`), for a rule that `applies`; for a rule with `leaf_stats`, those
+  of shapes with at most `HOST_STATS_SHAPE_ENTRIES` entries in all."""
   if not applies(engine):
     return set()
   small = 4 * leafwise.LARGE_CHUNK
-  return {p for p in engine.merged_paths if int(np.size(engine.base[p])) < small}
+  paths = [p for p in engine.merged_paths if int(np.size(engine.base[p])) < small]
+  if engine.rule.leaf_stats is None:
+    return set(paths)
+  per_shape: dict[tuple, int] = {}
+  for p in paths:
+    shape = np.shape(engine.base[p])
+    per_shape[shape] = per_shape.get(shape, 0) + int(np.prod(shape)) * len(engine.experts)
+  return {p for p in paths if per_shape[np.shape(engine.base[p])] <= HOST_STATS_SHAPE_ENTRIES}
 
 
 def leaf_stats(engine: Any, path: str) -> list[dict[str, np.ndarray]] | None:
@@ -63,6 +79,18 @@ def leaf_stats(engine: Any, path: str) -> list[dict[str, np.ndarray]] | None:
     return None
   hook, experts = engine.rule.leaf_stats, [np.asarray(e[path]) for e in engine.experts]
   return hook(np.asarray(engine.base[path]), experts, **engine.full)
+
+
+def _stats_dtype(engine: Any) -> np.dtype:
+  """The dtype of the rule's `leaf_stats` (from one entry of the first leaf, once)."""
+  if "_leaf_stats_dtype" not in engine.__dict__:
+    path = engine.merged_paths[0]
+    one = lambda x: np.asarray(x).reshape(-1)[:1]  # noqa: E731
+    probe = engine.rule.leaf_stats(
+      one(engine.base[path]), [one(e[path]) for e in engine.experts], **engine.full
+    )
+    engine._leaf_stats_dtype = np.dtype(probe[0]["x"].dtype)
+  return engine._leaf_stats_dtype
 
 
 def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=None, host=None):
@@ -85,8 +113,8 @@ def piece_args(engine: Any, path: str, piece: tuple[int, int, int], totals=None,
   if engine.key is not None:
     traced["key"] = leafwise.FoldedKeys(blocks.folded_keys(engine, [path]).data, np.uint32(start))
   stats = engine._leaf_stats(path)
-  if engine.rule.leaf_stats is not None and host is None:  # float32, one leaf per expert.
-    stats = [{"x": np.zeros(padded, np.float32)} for _ in engine.experts]
+  if engine.rule.leaf_stats is not None and host is None:  # One leaf per expert.
+    stats = [{"x": np.zeros(padded, _stats_dtype(engine))} for _ in engine.experts]
   elif engine.rule.leaf_stats is not None:
     stats = [{"x": cut(h["x"])} for h in host]
   totals = [0.0] * engine.num_totals if totals is None else totals
@@ -108,12 +136,12 @@ def working_set(engine: Any, path: str) -> int:
   before the first is taken) and the inputs XLA copies in, the padded chunk's inputs (our
   copies, which XLA may copy again: counted twice) and the output leaves (one per task of a
   task-specific rule) that `Chunked.assemble` makes where an array is asked for; and the rule's
-  `leaf_stats` (float32, one leaf per expert), their chunks counted as copied in by XLA."""
+  `leaf_stats` (one leaf per expert), their chunks counted as copied in by XLA."""
   n = int(np.size(engine.base[path]))
   total = n * engine.output_dtype(path).itemsize * engine.num_outputs
   with_stats = engine.rule.leaf_stats is not None
   if with_stats:
-    total += 4 * n * len(engine.experts)
+    total += _stats_dtype(engine).itemsize * n * len(engine.experts)
   for piece in leafwise.flat_pieces(n):
     args = piece_args(engine, path, piece)
     padded = piece[1] < piece[2]
