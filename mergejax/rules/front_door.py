@@ -42,16 +42,22 @@ def _finite_report(tree: Any) -> jax.Array:
   """Per floating leaf, in leaf order: 0 if every entry is finite, else NaN.
 
   Not a maximum of |x|: XLA on the CPU (jax 0.10) drops NaNs from max reductions of a few
-  thousand entries or more (its vectorized max), and a NaN input merged silently. A boolean
-  reduction of `isfinite` is exact in any order, so a program split over devices keeps its
-  partitioned mode (a sum of 0 · x, as fast, is not). Jitted alone on 16.7M entries (mean of 10
-  calls after the first): bf16 29 ms, float32 46 ms, against the maximum's 22 and 44 ms;
-  counting a NaN as +inf before the maximum took 43 and 64.
+  thousand entries or more (its vectorized max), and a NaN input merged silently. The maximum of
+  an int8 "not finite" flag is exact in any order, so a program split over devices keeps its
+  partitioned mode (a sum of 0 · x is not). Jitted alone on 16.7M float32 entries (mean of 10
+  calls after the first, two runs): 2.3-3.8 ms, against 3.6-5.2 ms for `all(isfinite(x))` (a
+  boolean reduction) and 17-22 ms for an int32 flag; on the 150 leaves of 22M fp32 entries of the
+  CLI benchmark, 2.3 ms against 4.8-5.9 ms.
   """
   leaves = [x for x in jax.tree.leaves(tree) if tree_lib.is_float(x)]
   if not leaves:
     return jnp.zeros((0,), jnp.float32)
-  return jnp.stack([jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan) for x in leaves])
+
+  def report(x):
+    not_finite = jnp.logical_not(jnp.isfinite(x)).astype(jnp.int8)
+    return jnp.where(jnp.max(not_finite, initial=0) == 0, 0.0, jnp.nan)
+
+  return jnp.stack([report(x) for x in leaves])
 
 
 def _poison(merged: Params, base: Params, experts: Sequence[Params]) -> Params:
