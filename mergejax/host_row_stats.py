@@ -54,9 +54,9 @@ def breadcrumbs_masks(
   gamma: float,
   counting: str,
 ) -> list[np.ndarray]:
-  """Per expert, where Model Breadcrumbs keeps an entry of τ
-  (`row_sparsify.breadcrumbs`' masks: thresholds at the k-th largest |τ| of each row along
-  `axis`, None: the whole leaf; counts as its traced `selection.count_for_fraction`'s).
+  """Per expert, where Model Breadcrumbs keeps an entry of τ (`row_sparsify.breadcrumbs`' masks:
+  thresholds at the k-th largest |τ| of each row along `axis`, None: the whole leaf; counts as
+  its traced `selection.count_for_fraction` counts them).
 
   Args:
     base / experts / axis: as for `della_spreads`.
@@ -126,7 +126,8 @@ def _per_row(base, experts, axis, fill, dtype) -> list[np.ndarray]:
     for i in which:
       np.subtract(expert_rows[i][start:stop], origin, out=magnitude, dtype=np.float32)
       np.abs(magnitude, out=magnitude)
-      # Zeros are zeros either way (e = b); the rare others that low again, as XLA computes them.
+      # Zeros are zeros either way (e = b). The rare others below the bound: again, as XLA
+      # computes them.
       low = (magnitude > 0) & (magnitude < _DAZ_EXACT_ABOVE)
       if low.any():
         where = np.nonzero(low)
