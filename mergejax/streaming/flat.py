@@ -66,11 +66,11 @@ def candidates(engine: Any) -> set[str]:
   paths = [p for p in engine.merged_paths if int(np.size(engine.base[p])) < small]
   if engine.rule.leaf_stats is None:
     return set(paths)
+  shapes = {p: np.shape(engine.base[p]) for p in paths}
   per_shape: dict[tuple, int] = {}
-  for p in paths:
-    shape = np.shape(engine.base[p])
+  for shape in shapes.values():
     per_shape[shape] = per_shape.get(shape, 0) + int(np.prod(shape)) * len(engine.experts)
-  return {p for p in paths if per_shape[np.shape(engine.base[p])] <= HOST_STATS_SHAPE_ENTRIES}
+  return {p for p in paths if per_shape[shapes[p]] <= HOST_STATS_SHAPE_ENTRIES}
 
 
 def leaf_stats(engine: Any, path: str) -> list[dict[str, np.ndarray]] | None:
@@ -118,10 +118,11 @@ def piece_args(
   traced = dict(engine.traced)
   if engine.key is not None:
     traced["key"] = leafwise.FoldedKeys(blocks.folded_keys(engine, [path]).data, np.uint32(start))
-  stats = engine._leaf_stats(path)
-  if engine.rule.leaf_stats is not None and host is None:  # One leaf per expert.
+  if engine.rule.leaf_stats is None:
+    stats = engine._leaf_stats(path)
+  elif host is None:  # For shapes: zeros, one leaf per expert.
     stats = [{"x": np.zeros(padded, _stats_dtype(engine))} for _ in engine.experts]
-  elif engine.rule.leaf_stats is not None:
+  else:
     stats = [{"x": cut(h["x"])} for h in host]
   totals = [0.0] * engine.num_totals if totals is None else totals
   return base, experts, stats, traced, [np.float32(v) for v in totals]
